@@ -92,22 +92,34 @@ fn join_paths(p: &[PathBuf]) -> String {
     if p.is_empty() {
         return "no usable path in the parent locator".into();
     }
-    p.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    p.iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Error {
     /// Wraps an I/O error with context.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     /// A structural corruption without a known path (the path is filled in by the opener).
     pub(crate) fn corrupt(what: impl Into<String>) -> Self {
-        Error::Corrupt { path: None, what: what.into() }
+        Error::Corrupt {
+            path: None,
+            what: what.into(),
+        }
     }
 
     pub(crate) fn unsupported(what: impl Into<String>) -> Self {
-        Error::Unsupported { path: None, what: what.into() }
+        Error::Unsupported {
+            path: None,
+            what: what.into(),
+        }
     }
 
     /// Attaches the image path to errors that carry one and do not have it yet.
@@ -116,10 +128,10 @@ impl Error {
             Error::Corrupt { path: p, .. }
             | Error::Unsupported { path: p, .. }
             | Error::LogReplayNeeded { path: p }
-            | Error::Failed { path: p } => {
-                if p.is_none() {
-                    *p = Some(path.to_path_buf());
-                }
+            | Error::Failed { path: p }
+                if p.is_none() =>
+            {
+                *p = Some(path.to_path_buf());
             }
             _ => {}
         }

@@ -58,7 +58,10 @@ impl FromStr for Guid {
     /// Parses `xxxxxxxx-xxxx-...`, with or without braces, any case.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
-        let s = s.strip_prefix('{').and_then(|s| s.strip_suffix('}')).unwrap_or(s);
+        let s = s
+            .strip_prefix('{')
+            .and_then(|s| s.strip_suffix('}'))
+            .unwrap_or(s);
         Ok(Guid(uuid::Uuid::parse_str(s)?.to_bytes_le()))
     }
 }
@@ -85,7 +88,12 @@ mod tests {
         assert_eq!(&g.0[..4], &[0x66, 0x77, 0xC2, 0x2D]);
         assert_eq!(g.to_string(), "2dc27766-f623-4200-9d64-115e9bfd4a08");
         assert_eq!(g.braced(), "{2dc27766-f623-4200-9d64-115e9bfd4a08}");
-        assert_eq!("{2DC27766-F623-4200-9D64-115E9BFD4A08}".parse::<Guid>().unwrap(), g);
+        assert_eq!(
+            "{2DC27766-F623-4200-9D64-115E9BFD4A08}"
+                .parse::<Guid>()
+                .unwrap(),
+            g
+        );
         assert!("not-a-guid".parse::<Guid>().is_err());
         let r = Guid::new_random();
         assert!(!r.is_zero());

@@ -141,7 +141,11 @@ pub fn detect_format(path: &Path) -> Result<DiskFormat> {
     if has_vhdx_extension(path) {
         return Ok(DiskFormat::Vhdx);
     }
-    if path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("vhd")) {
+    if path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("vhd"))
+    {
         return Err(Error::Unsupported {
             path: Some(path.to_path_buf()),
             what: "VHD (version 1) images are not supported; convert them to VHDX or raw first"
@@ -150,7 +154,8 @@ pub fn detect_format(path: &Path) -> Result<DiskFormat> {
     }
     let file = std::fs::File::open(path)
         .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    let st = FileStorage::new(file).map_err(|e| Error::io(format!("inspecting {}", path.display()), e))?;
+    let st = FileStorage::new(file)
+        .map_err(|e| Error::io(format!("inspecting {}", path.display()), e))?;
     if vhdx::has_vhdx_signature(&st)? {
         return Err(Error::InvalidArgument(format!(
             "{} carries a VHDX signature but is not named .vhdx; refusing to guess (it could be a raw disk whose guest wrote that signature): rename it or give the format explicitly",
@@ -174,8 +179,12 @@ pub fn open_disk_as(
 ) -> Result<Box<dyn BlockBackend>> {
     Ok(match format {
         DiskFormat::Raw => Box::new(RawDisk::open(path, read_only)?),
-        DiskFormat::Vhdx => {
-            Box::new(Vhdx::open(path, OpenOptions { read_only, ..Default::default() })?)
-        }
+        DiskFormat::Vhdx => Box::new(Vhdx::open(
+            path,
+            OpenOptions {
+                read_only,
+                ..Default::default()
+            },
+        )?),
     })
 }

@@ -90,7 +90,9 @@ pub struct ParentInfo {
 
 fn file_size(path: &Path) -> Result<u64> {
     let f = std::fs::File::open(path).ctx(|| format!("opening {}", path.display()))?;
-    FileStorage::new(f).and_then(|s| s.len()).ctx(|| format!("getting the size of {}", path.display()))
+    FileStorage::new(f)
+        .and_then(|s| s.len())
+        .ctx(|| format!("getting the size of {}", path.display()))
 }
 
 fn log_needs_replay(path: &Path) -> Result<bool> {
@@ -119,7 +121,11 @@ pub fn info(path: &Path) -> Result<DiskInfo> {
             vhd_type: None,
             virtual_size: d.size(),
             file_size,
-            allocated_bytes: if md.file_type().is_file() { md.blocks() * 512 } else { d.size() },
+            allocated_bytes: if md.file_type().is_file() {
+                md.blocks() * 512
+            } else {
+                d.size()
+            },
             block_size: None,
             logical_sector_size: d.logical_sector_size(),
             physical_sector_size: d.physical_sector_size(),
@@ -131,13 +137,24 @@ pub fn info(path: &Path) -> Result<DiskInfo> {
         });
     }
     if log_needs_replay(path)? {
-        return Err(Error::LogReplayNeeded { path: Some(path.to_path_buf()) });
+        return Err(Error::LogReplayNeeded {
+            path: Some(path.to_path_buf()),
+        });
     }
-    let ro = OpenOptions { read_only: true, ..Default::default() };
+    let ro = OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
     let (v, parent_error) = match Vhdx::open(path, ro.clone()) {
         Ok(v) => (v, None),
         // A problem with the parent chain: still describe this file, with the problem.
-        Err(e) => match Vhdx::open(path, OpenOptions { parent: ParentMode::Zeros, ..ro }) {
+        Err(e) => match Vhdx::open(
+            path,
+            OpenOptions {
+                parent: ParentMode::Zeros,
+                ..ro
+            },
+        ) {
             Ok(v) if v.has_parent() => (v, Some(e.to_string())),
             _ => return Err(e),
         },
@@ -196,7 +213,10 @@ impl CheckReport {
 /// `check-vhd`: checks an image (and its parent chain) read-only and reports every problem
 /// found. Returns `Err` only when the check itself could not run (e.g. the file is missing).
 pub fn check(path: &Path) -> Result<CheckReport> {
-    let mut r = CheckReport { path: path.to_path_buf(), ..Default::default() };
+    let mut r = CheckReport {
+        path: path.to_path_buf(),
+        ..Default::default()
+    };
     let format = match detect_format(path) {
         Ok(f) => f,
         Err(e @ Error::Io { .. }) => return Err(e),
@@ -226,7 +246,10 @@ pub fn check(path: &Path) -> Result<CheckReport> {
     }
     for (i, ok) in hdr_ok.iter().enumerate() {
         if !ok && hdr_ok[1 - i] {
-            r.warnings.push(format!("header {} is invalid; the other copy is used", i + 1));
+            r.warnings.push(format!(
+                "header {} is invalid; the other copy is used",
+                i + 1
+            ));
         }
     }
     let mut rts = Vec::new();
@@ -253,7 +276,13 @@ pub fn check(path: &Path) -> Result<CheckReport> {
             return Ok(r);
         }
     }
-    let v = match Vhdx::open(path, OpenOptions { read_only: true, ..Default::default() }) {
+    let v = match Vhdx::open(
+        path,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    ) {
         Ok(v) => v,
         Err(e) => {
             r.errors.push(e.to_string());
@@ -293,6 +322,9 @@ pub fn convert(
     target: &ConvertTarget,
     progress: Progress<'_>,
 ) -> Result<()> {
+    if std::fs::symlink_metadata(dst).is_ok() {
+        return Err(Error::InvalidArgument(format!("{} already exists", dst.display())));
+    }
     let source = open_disk(src, true)?;
     let size = source.size();
     let r = convert_into(&*source, dst, target, progress);
@@ -318,9 +350,16 @@ fn convert_into(
                 .open(dst)
                 .ctx(|| format!("creating {}", dst.display()))?;
             let st = FileStorage::new(f).ctx(|| format!("inspecting {}", dst.display()))?;
-            st.set_len(size).ctx(|| format!("sizing {}", dst.display()))?;
+            st.set_len(size)
+                .ctx(|| format!("sizing {}", dst.display()))?;
             let lss = source.logical_sector_size();
-            let d = RawDisk::from_storage(Arc::new(st), false, lss, source.physical_sector_size(), [0; 16])?;
+            let d = RawDisk::from_storage(
+                Arc::new(st),
+                false,
+                lss,
+                source.physical_sector_size(),
+                [0; 16],
+            )?;
             (Box::new(d), true)
         }
         ConvertTarget::Vhdx(p) => {
@@ -394,7 +433,13 @@ pub fn merge(child_path: &Path, remove_child: bool, progress: Progress<'_>) -> R
         (pp, child.parent_locator().unwrap_or_default())
     };
     {
-        let child = Vhdx::open(child_path, OpenOptions { parent: ParentMode::Zeros, ..Default::default() })?;
+        let child = Vhdx::open(
+            child_path,
+            OpenOptions {
+                parent: ParentMode::Zeros,
+                ..Default::default()
+            },
+        )?;
         locator.retain(|(k, _)| k != "parent_linkage2");
         locator.push(("parent_linkage2".into(), new_guid.braced()));
         child.set_parent_locator(locator)?;
@@ -402,11 +447,18 @@ pub fn merge(child_path: &Path, remove_child: bool, progress: Progress<'_>) -> R
     }
     let child = Vhdx::open(
         child_path,
-        OpenOptions { read_only: true, parent: ParentMode::Zeros, ..Default::default() },
+        OpenOptions {
+            read_only: true,
+            parent: ParentMode::Zeros,
+            ..Default::default()
+        },
     )?;
     let parent = Vhdx::open(
         &parent_path,
-        OpenOptions { data_write_guid: Some(new_guid), ..Default::default() },
+        OpenOptions {
+            data_write_guid: Some(new_guid),
+            ..Default::default()
+        },
     )?;
     if parent.size() != child.size() {
         parent.resize(child.size())?;
@@ -446,7 +498,11 @@ pub fn merge(child_path: &Path, remove_child: bool, progress: Progress<'_>) -> R
     if remove_child {
         std::fs::remove_file(child_path).ctx(|| format!("removing {}", child_path.display()))?;
     }
-    Ok(MergeReport { parent: parent_path, bytes_merged: total, child_removed: remove_child })
+    Ok(MergeReport {
+        parent: parent_path,
+        bytes_merged: total,
+        child_removed: remove_child,
+    })
 }
 
 /// `resize-vhd`: changes the virtual size of a VHDX or raw image. Growing always works;
@@ -487,7 +543,8 @@ pub fn resize(path: &Path, new_size: u64) -> Result<()> {
                 .open(path)
                 .ctx(|| format!("opening {}", path.display()))?;
             let st = FileStorage::new(f).ctx(|| format!("inspecting {}", path.display()))?;
-            st.set_len(new_size).ctx(|| format!("resizing {}", path.display()))?;
+            st.set_len(new_size)
+                .ctx(|| format!("resizing {}", path.display()))?;
             st.flush().ctx(|| format!("flushing {}", path.display()))
         }
     }

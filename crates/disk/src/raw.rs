@@ -26,7 +26,10 @@ pub struct RawDisk {
 /// their own). FNV-1a, twice with different seeds; identity, not security.
 fn id_from(dev: u64, ino: u64) -> [u8; 16] {
     let mut out = [0u8; 16];
-    for (half, seed) in [(0usize, 0xcbf2_9ce4_8422_2325u64), (8, 0x8422_2325_cbf2_9ce4)] {
+    for (half, seed) in [
+        (0usize, 0xcbf2_9ce4_8422_2325u64),
+        (8, 0x8422_2325_cbf2_9ce4),
+    ] {
         let mut h = seed;
         for b in dev.to_le_bytes().iter().chain(ino.to_le_bytes().iter()) {
             h ^= *b as u64;
@@ -45,19 +48,28 @@ impl RawDisk {
             .write(!read_only)
             .open(path)
             .ctx(|| format!("opening {}", path.display()))?;
-        let md = file.metadata().ctx(|| format!("inspecting {}", path.display()))?;
+        let md = file
+            .metadata()
+            .ctx(|| format!("inspecting {}", path.display()))?;
         let st = FileStorage::new(file).ctx(|| format!("inspecting {}", path.display()))?;
         let (logical, physical) = st
             .device_sector_sizes()
             .ctx(|| format!("querying sector sizes of {}", path.display()))?
             .unwrap_or((512, 4096));
-        let mut d = Self::from_storage(Arc::new(st), read_only, logical, physical, id_from(md.dev(), md.ino()))
-            .map_err(|e| match e {
-                Error::Io { context, source } => {
-                    Error::Io { context: format!("{context} of {}", path.display()), source }
-                }
-                e => e,
-            })?;
+        let mut d = Self::from_storage(
+            Arc::new(st),
+            read_only,
+            logical,
+            physical,
+            id_from(md.dev(), md.ino()),
+        )
+        .map_err(|e| match e {
+            Error::Io { context, source } => Error::Io {
+                context: format!("{context} of {}", path.display()),
+                source,
+            },
+            e => e,
+        })?;
         d.path = Some(path.to_path_buf());
         Ok(d)
     }
@@ -77,7 +89,16 @@ impl RawDisk {
         }
         let data_len = st.len().ctx(|| "getting the size".into())?;
         let size = data_len.div_ceil(logical as u64) * logical as u64;
-        Ok(RawDisk { st, path: None, size, data_len, logical, physical, read_only, id })
+        Ok(RawDisk {
+            st,
+            path: None,
+            size,
+            data_len,
+            logical,
+            physical,
+            read_only,
+            id,
+        })
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
@@ -97,7 +118,10 @@ impl RawDisk {
     }
 
     fn what(&self) -> String {
-        self.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "raw disk".into())
+        self.path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "raw disk".into())
     }
 }
 
@@ -119,7 +143,9 @@ impl BlockBackend for RawDisk {
             return Err(Error::ReadOnly);
         }
         self.check(offset, buf.len() as u64)?;
-        self.st.write_at(offset, buf).ctx(|| format!("writing {} at {offset}", self.what()))
+        self.st
+            .write_at(offset, buf)
+            .ctx(|| format!("writing {} at {offset}", self.what()))
     }
 
     fn flush(&self) -> Result<()> {
@@ -136,7 +162,9 @@ impl BlockBackend for RawDisk {
             return Err(Error::ReadOnly);
         }
         self.check(offset, len)?;
-        self.st.discard(offset, len).ctx(|| format!("discarding in {}", self.what()))?;
+        self.st
+            .discard(offset, len)
+            .ctx(|| format!("discarding in {}", self.what()))?;
         Ok(())
     }
 

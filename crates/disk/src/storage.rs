@@ -100,7 +100,13 @@ impl FileStorage {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: BLKPBSZGET writes one c_uint through the pointer, which points at a live local.
-        if unsafe { libc::ioctl(fd, ioctl::BLKPBSZGET as _, &mut physical as *mut libc::c_uint) } < 0
+        if unsafe {
+            libc::ioctl(
+                fd,
+                ioctl::BLKPBSZGET as _,
+                &mut physical as *mut libc::c_uint,
+            )
+        } < 0
         {
             return Err(io::Error::last_os_error());
         }
@@ -127,7 +133,11 @@ impl Storage for FileStorage {
             // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at a live
             // local; the fd is owned by `self.file`.
             let r = unsafe {
-                libc::ioctl(self.file.as_raw_fd(), ioctl::BLKGETSIZE64 as _, &mut size as *mut u64)
+                libc::ioctl(
+                    self.file.as_raw_fd(),
+                    ioctl::BLKGETSIZE64 as _,
+                    &mut size as *mut u64,
+                )
             };
             if r < 0 {
                 return Err(io::Error::last_os_error());
@@ -140,7 +150,10 @@ impl Storage for FileStorage {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         if self.block_device {
-            return Err(io::Error::new(io::ErrorKind::Unsupported, "cannot resize a block device"));
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "cannot resize a block device",
+            ));
         }
         self.file.set_len(len)
     }
@@ -215,7 +228,10 @@ pub struct MemStorage {
 impl MemStorage {
     /// Storage holding `data`, growable up to `max_len` bytes.
     pub fn new(data: Vec<u8>, max_len: u64) -> Self {
-        MemStorage { data: RwLock::new(data), max_len }
+        MemStorage {
+            data: RwLock::new(data),
+            max_len,
+        }
     }
 
     /// A copy of the current contents.
@@ -227,13 +243,18 @@ impl MemStorage {
 impl Storage for MemStorage {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let d = self.data.read().unwrap_or_else(|e| e.into_inner());
-        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= d.len() as u64);
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= d.len() as u64);
         match end {
             Some(end) => {
                 buf.copy_from_slice(&d[offset as usize..end as usize]);
                 Ok(())
             }
-            None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past end of storage")),
+            None => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past end of storage",
+            )),
         }
     }
 
@@ -260,9 +281,15 @@ impl Storage for MemStorage {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         if len > self.max_len {
-            return Err(io::Error::new(io::ErrorKind::StorageFull, "memory storage limit"));
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "memory storage limit",
+            ));
         }
-        self.data.write().unwrap_or_else(|e| e.into_inner()).resize(len as usize, 0);
+        self.data
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .resize(len as usize, 0);
         Ok(())
     }
 

@@ -352,12 +352,13 @@ impl Vp {
     /// Queues an exception for injection at the next entry.
     pub fn inject_exception(&self, vector: u8, error_code: Option<u32>) -> Result<()> {
         let mut ev = self.events()?;
-        ev.exception.injected = 0;
-        ev.exception.pending = 1;
+        // Without KVM_CAP_EXCEPTION_PAYLOAD, KVM takes exceptions as "injected".
+        ev.exception.injected = 1;
+        ev.exception.pending = 0;
         ev.exception.nr = vector;
         ev.exception.has_error_code = u8::from(error_code.is_some());
         ev.exception.error_code = error_code.unwrap_or(0);
-        ev.flags = kvm_bindings::KVM_VCPUEVENT_VALID_PAYLOAD & 0;
+        ev.flags = 0;
         self.set_events(&ev)
     }
 }

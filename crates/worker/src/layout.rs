@@ -5,6 +5,7 @@
 //! 0x0000_7000  Linux zero page (boot_params)
 //! 0x0000_9000  boot page tables: PML4, PDPT, 4 PDs (identity map of the low 4 GiB, 2 MiB pages)
 //! 0x0002_0000  kernel command line (up to 64 KiB)
+//! 0x0009_b000  reserved: hypervisor pages (SYSCALL fix-up trampoline and its page tables)
 //! 0x0009_fc00  reserved (EBDA) ... 0x000a_0000
 //! 0x000e_0000  ACPI tables (RSDP first) ... 0x0010_0000, reserved
 //! 0x0010_0000  RAM: kernel, initrd (at the top of low RAM) ...
@@ -19,7 +20,11 @@ pub const PDPT: u64 = 0xa000;
 pub const PD0: u64 = 0xb000; // four pages: 0xb000..0xf000
 pub const CMDLINE: u64 = 0x2_0000;
 pub const CMDLINE_MAX: usize = 0x1_0000;
+/// Reserved guest pages the VMM owns (the SYSCALL trampoline and its page tables).
+pub const HV_PAGES: u64 = 0x9_b000;
 pub const EBDA_START: u64 = 0x9_fc00;
+/// An unbacked GPA in the MMIO hole that the SYSCALL trampoline reads to exit to us.
+pub const TRAMPOLINE_MMIO: u64 = 0xfe00_0000;
 pub const ACPI_START: u64 = 0xe_0000;
 pub const ACPI_END: u64 = 0x10_0000;
 pub const HIGH_MEMORY: u64 = 0x10_0000;
@@ -48,8 +53,8 @@ pub fn ram_ranges(memory: u64) -> Vec<(u64, u64)> {
 pub fn e820(memory: u64) -> Vec<(u64, u64, u32)> {
     let low = memory.min(LOW_RAM_MAX);
     let mut v = vec![
-        (0, EBDA_START, E820_RAM),
-        (EBDA_START, 0xa_0000 - EBDA_START, E820_RESERVED),
+        (0, HV_PAGES, E820_RAM),
+        (HV_PAGES, 0xa_0000 - HV_PAGES, E820_RESERVED),
         (ACPI_START, ACPI_END - ACPI_START, E820_RESERVED),
         (HIGH_MEMORY, low - HIGH_MEMORY, E820_RAM),
     ];
@@ -73,7 +78,7 @@ mod tests {
         let map = e820(4 << 30);
         let ram: u64 = map.iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum();
         // All RAM but the EBDA hole and the ACPI area is usable.
-        assert_eq!(ram, (4 << 30) - (ACPI_END - EBDA_START));
+        assert_eq!(ram, (4 << 30) - (ACPI_END - HV_PAGES));
         for w in map.windows(2) {
             assert!(w[0].0 + w[0].1 <= w[1].0, "sorted and disjoint");
         }

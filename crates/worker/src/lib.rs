@@ -19,6 +19,7 @@ pub mod cpuid;
 pub mod host;
 pub mod layout;
 mod quirks;
+pub mod trampoline;
 mod vcpu;
 
 pub use console::SerialTarget;
@@ -459,9 +460,14 @@ fn run_once(
     ins(&mut bus, devices::acpi_pm::RESET_PORT, 1, Arc::new(Mutex::new(devices::acpi_pm::ResetPort::new(events.clone()))))?;
     let bus = Arc::new(bus);
 
+    let syscall_fixup = if facts.syscall_broken {
+        Some(Arc::new(trampoline::Trampoline::new(&mem).map_err(WorkerError::Host)?))
+    } else {
+        None
+    };
     if facts.syscall_broken {
         part.set_msr_intercepts(&MsrIntercepts {
-            write: vec![vcpu::MSR_LSTAR],
+            write: vec![trampoline::MSR_LSTAR],
             read: vec![],
         })
         .map_err(herr("installing the SYSCALL fix-up"))?;
@@ -506,7 +512,7 @@ fn run_once(
         let ctx = vcpu::VpContext {
             bus: bus.clone(),
             mem: mem.clone(),
-            syscall_fixup: facts.syscall_broken,
+            syscall_fixup: syscall_fixup.clone(),
         };
         let control = control.clone();
         let index = vp.index();

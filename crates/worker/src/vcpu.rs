@@ -2,20 +2,18 @@
 
 use crate::{quirks, StopReason, Stats};
 use devices::IoBus;
-use hypervisor::kvm_bindings::{kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP};
 use hypervisor::{Intercept, Vp};
 use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
 
-pub const MSR_STAR: u32 = 0xc000_0081;
-pub const MSR_LSTAR: u32 = 0xc000_0082;
-pub const MSR_SFMASK: u32 = 0xc000_0084;
+use crate::trampoline::MSR_LSTAR;
 const RFLAGS_RF: u64 = 1 << 16;
 
 pub struct VpContext {
     pub bus: Arc<IoBus>,
     pub mem: Arc<GuestMemoryMmap>,
-    pub syscall_fixup: bool,
+    /// Installed when this host's SYSCALL is broken (see [`crate::trampoline`]).
+    pub syscall_fixup: Option<Arc<crate::trampoline::Trampoline>>,
 }
 
 /// Work that needs the VP after the intercept's borrow of it ends.
@@ -23,13 +21,13 @@ enum Deferred {
     None,
     SetLstar(u64),
     Quirk(Option<([u8; 15], usize)>),
-    Debug(u64),
+    Debug,
+    Trampoline,
 }
 
 /// Runs until the VM stops; returns why (if this VP caused the stop) and its counters.
 pub fn run_vp(mut vp: Vp, ctx: VpContext, stopped: &dyn Fn() -> bool) -> (Option<StopReason>, Stats) {
     let mut stats = Stats::default();
-    let mut lstar: Option<u64> = None;
     let index = vp.index();
     loop {
         let mut deferred = Deferred::None;
@@ -50,9 +48,14 @@ pub fn run_vp(mut vp: Vp, ctx: VpContext, stopped: &dyn Fn() -> bool) -> (Option
                     stats.unclaimed_io += 1;
                 }
             }
-            Intercept::MmioRead { data, .. } => {
+            Intercept::MmioRead { gpa, data } => {
                 stats.mmio_exits += 1;
-                data.fill(0xff);
+                if gpa == crate::layout::TRAMPOLINE_MMIO && ctx.syscall_fixup.is_some() {
+                    data.fill(0);
+                    deferred = Deferred::Trampoline;
+                } else {
+                    data.fill(0xff);
+                }
             }
             Intercept::MmioWrite { .. } => stats.mmio_exits += 1,
             Intercept::MsrRead { error, .. } => {
@@ -61,7 +64,7 @@ pub fn run_vp(mut vp: Vp, ctx: VpContext, stopped: &dyn Fn() -> bool) -> (Option
             }
             Intercept::MsrWrite { index: msr, value, error } => {
                 stats.msr_exits += 1;
-                if msr == MSR_LSTAR && ctx.syscall_fixup {
+                if msr == MSR_LSTAR && ctx.syscall_fixup.is_some() {
                     *error = 0;
                     deferred = Deferred::SetLstar(value);
                 } else {
@@ -74,7 +77,7 @@ pub fn run_vp(mut vp: Vp, ctx: VpContext, stopped: &dyn Fn() -> bool) -> (Option
                 return (Some(StopReason::TripleFault { vp: index, rip }), stats);
             }
             Intercept::EmulationFailure { insn } => deferred = Deferred::Quirk(insn),
-            Intercept::Debug { pc, .. } => deferred = Deferred::Debug(pc),
+            Intercept::Debug { .. } => deferred = Deferred::Debug,
             Intercept::Cancelled => {
                 if stopped() {
                     return (None, stats);
@@ -120,10 +123,10 @@ pub fn run_vp(mut vp: Vp, ctx: VpContext, stopped: &dyn Fn() -> bool) -> (Option
         }
         let result = match deferred {
             Deferred::None => Ok(()),
-            Deferred::SetLstar(v) => {
-                lstar = Some(v);
-                set_lstar(&vp, v)
-            }
+            Deferred::SetLstar(v) => match &ctx.syscall_fixup {
+                Some(t) => t.guest_wrote_lstar(&vp, &ctx.mem, v),
+                None => Ok(()),
+            },
             Deferred::Quirk(insn) => match quirks::handle(&vp, &ctx.mem, insn, &mut stats.quirks) {
                 Ok(()) => Ok(()),
                 Err(m) => {
@@ -133,12 +136,14 @@ pub fn run_vp(mut vp: Vp, ctx: VpContext, stopped: &dyn Fn() -> bool) -> (Option
                     )
                 }
             },
-            Deferred::Debug(pc) => {
-                if lstar == Some(pc) {
+            Deferred::Debug => resume_after_debug(&vp),
+            Deferred::Trampoline => match &ctx.syscall_fixup {
+                Some(t) => {
                     stats.syscall_fixups += 1;
+                    t.finish_syscall(&mut vp)
                 }
-                syscall_fixup(&vp, pc, lstar)
-            }
+                None => Ok(()),
+            },
         };
         if let Err(e) = result {
             return (Some(StopReason::HostFailure(format!("VP {index}: {e}"))), stats);
@@ -156,54 +161,9 @@ fn regs_line(vp: &Vp) -> String {
     }
 }
 
-/// The guest wrote LSTAR: do the write and put an execute breakpoint on the entry point so that
-/// every SYSCALL exits to us there.
-fn set_lstar(vp: &Vp, v: u64) -> hypervisor::Result<()> {
-    vp.set_msrs(&[(MSR_LSTAR, v)])?;
-    let mut dbg = kvm_guest_debug {
-        control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
-        ..Default::default()
-    };
-    dbg.arch.debugreg[0] = v;
-    dbg.arch.debugreg[7] = 0x1 | (1 << 10); // L0, execute, 1 byte; bit 10 reads as 1
-    vp.set_guest_debug(&dbg)
-}
-
-/// At the SYSCALL entry point: if the CPU left CS at CPL 3 (this host's bug), finish the
-/// architectural SYSCALL ourselves — CS/SS from STAR[47:32], RFLAGS masked by SFMASK — and
-/// continue at the guest's entry point. Either way, resume with RF set so the breakpoint does
-/// not fire again on the same instruction.
-fn syscall_fixup(vp: &Vp, pc: u64, lstar: Option<u64>) -> hypervisor::Result<()> {
+/// A debug exit we did not ask for: resume past it.
+fn resume_after_debug(vp: &Vp) -> hypervisor::Result<()> {
     let mut regs = vp.regs()?;
-    if lstar == Some(pc) {
-        let mut sregs = vp.sregs()?;
-        if sregs.cs.selector & 3 == 3 || sregs.cs.dpl == 3 {
-            let v = vp.get_msrs(&[MSR_STAR, MSR_SFMASK])?;
-            let (star, fmask) = (v[0], v[1]);
-            let kcs = ((star >> 32) & 0xfffc) as u16;
-            sregs.cs.selector = kcs;
-            sregs.cs.dpl = 0;
-            sregs.cs.type_ = 11;
-            sregs.cs.l = 1;
-            sregs.cs.db = 0;
-            sregs.cs.s = 1;
-            sregs.cs.present = 1;
-            sregs.cs.g = 1;
-            sregs.cs.base = 0;
-            sregs.cs.limit = 0xffff_ffff;
-            sregs.ss.selector = kcs + 8;
-            sregs.ss.dpl = 0;
-            sregs.ss.type_ = 3;
-            sregs.ss.db = 1;
-            sregs.ss.s = 1;
-            sregs.ss.present = 1;
-            sregs.ss.g = 1;
-            sregs.ss.base = 0;
-            sregs.ss.limit = 0xffff_ffff;
-            vp.set_sregs(&sregs)?;
-            regs.rflags &= !fmask;
-        }
-    }
     regs.rflags |= RFLAGS_RF | 2;
     vp.set_regs(&regs)
 }

@@ -24,8 +24,26 @@ pub(crate) fn exec<C: Cpu + ?Sized>(ctx: &mut Ctx<'_, C>, kind: Kind) -> Res<()>
         }
         Kind::Cmpxchg8b => cmpxchg(ctx, 8),
         Kind::Cmpxchg16b => cmpxchg(ctx, 16),
-        other => Err(Stop::Unsupported(format!("{other} is not a basic instruction"))),
+        Kind::Xgetbv => xgetbv(ctx),
+        other => Err(Stop::Unsupported(format!(
+            "{other} is not a basic instruction"
+        ))),
     }
+}
+
+/// XGETBV: EDX:EAX = XCR[ECX]. Only XCR0 exists here (XINUSE is not modelled); #UD without
+/// CR4.OSXSAVE, #GP(0) for any other XCR.
+fn xgetbv<C: Cpu + ?Sized>(ctx: &mut Ctx<'_, C>) -> Res<()> {
+    if ctx.cpu.cr4() & CR4_OSXSAVE == 0 {
+        return Err(ud());
+    }
+    if ctx.cpu.gpr(Register::RCX) as u32 != 0 {
+        return Err(gp0());
+    }
+    let v = ctx.cpu.xcr0();
+    ctx.cpu.set_gpr(Register::RAX, v & 0xffff_ffff);
+    ctx.cpu.set_gpr(Register::RDX, v >> 32);
+    Ok(())
 }
 
 /// #BP as a software exception; the caller advances RIP first.
@@ -64,8 +82,8 @@ fn popcnt<C: Cpu + ?Sized>(ctx: &mut Ctx<'_, C>) -> Res<()> {
         ctx.read_gpr(ctx.reg(1))
     };
     ctx.write_gpr(dst, u64::from(src.count_ones()));
-    let mut rflags = ctx.cpu.rflags()
-        & !(RFLAGS_OF | RFLAGS_SF | RFLAGS_ZF | RFLAGS_AF | RFLAGS_CF | RFLAGS_PF);
+    let mut rflags =
+        ctx.cpu.rflags() & !(RFLAGS_OF | RFLAGS_SF | RFLAGS_ZF | RFLAGS_AF | RFLAGS_CF | RFLAGS_PF);
     if src == 0 {
         rflags |= RFLAGS_ZF;
     }
@@ -92,7 +110,10 @@ fn fwait<C: Cpu + ?Sized>(ctx: &mut Ctx<'_, C>) -> Res<()> {
 }
 
 fn check_mxcsr_access<C: Cpu + ?Sized>(ctx: &mut Ctx<'_, C>) -> Res<()> {
-    if matches!(ctx.instr.code(), Code::VEX_Vldmxcsr_m32 | Code::VEX_Vstmxcsr_m32) {
+    if matches!(
+        ctx.instr.code(),
+        Code::VEX_Vldmxcsr_m32 | Code::VEX_Vstmxcsr_m32
+    ) {
         ctx.check_avx()
     } else {
         ctx.check_sse()
@@ -145,7 +166,11 @@ fn cmpxchg<C: Cpu + ?Sized>(ctx: &mut Ctx<'_, C>, size: usize) -> Res<()> {
             }),
             other => mem_fault(other),
         })?;
-    let found = if size == 8 { found & u128::from(u64::MAX) } else { found };
+    let found = if size == 8 {
+        found & u128::from(u64::MAX)
+    } else {
+        found
+    };
     let rflags = ctx.cpu.rflags();
     if found == expected {
         ctx.cpu.set_rflags(rflags | RFLAGS_ZF);

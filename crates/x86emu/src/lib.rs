@@ -17,14 +17,15 @@
 //!
 //! Talks to: nothing but the [`Cpu`] trait (registers, guest memory by linear address). The
 //! decoder is `iced-x86`; the semantics (faults, flags, XSAVE-area layout) are hand-written here
-//! from the Intel SDM because no published crate executes single instructions against an
-//! abstract vCPU with exactly these checks (existing Rust x86 emulators are tied to their own
-//! VMMs and are not on crates.io).
+//! from the Intel SDM. General emulators (Unicorn through C bindings, the emulators inside other
+//! VMMs) run code on their own CPU model; what is needed here is one instruction applied to a
+//! live vCPU behind a trait, with the vCPU's control registers deciding the faults, and only
+//! for the few instructions KVM lacks — smaller to write than to adapt.
 //!
 //! Must never: depend on KVM, touch guest memory except through [`Cpu`], or panic on any byte
 //! sequence or guest-controlled value (instruction bytes, XSAVE headers, EDX:EAX masks are all
-//! hostile). Anything it does not model exactly ends in [`Outcome::Unsupported`] with nothing
-//! changed.
+//! hostile). Anything it does not model exactly ends in [`Outcome::Unsupported`] with no
+//! register changed.
 //!
 //! Not modelled: segment limits and access rights, alignment-check (#AC), RFLAGS.TF
 //! single-step traps after an emulated instruction, CPUID feature bits (an instruction the
@@ -84,9 +85,8 @@ pub fn emulate<C: Cpu + ?Sized>(cpu: &mut C, bytes: &[u8]) -> Outcome {
     if instr.is_invalid() {
         return invalid(bytes, mode, rip, decoder.last_error());
     }
-    let text = describe(&instr, bytes);
     let Some(kind) = classify(instr.code()) else {
-        return Outcome::Unsupported(format!("no emulation for {text}"));
+        return Outcome::Unsupported(format!("no emulation for {}", describe(&instr, bytes)));
     };
     if instr.has_lock_prefix() && !matches!(kind, Kind::Cmpxchg8b | Kind::Cmpxchg16b) {
         return Outcome::Exception {
@@ -127,7 +127,9 @@ pub fn emulate<C: Cpu + ?Sized>(cpu: &mut C, bytes: &[u8]) -> Outcome {
             }
             Outcome::Exception { kind, exception }
         }
-        Err(Stop::Unsupported(why)) => Outcome::Unsupported(format!("{text}: {why}")),
+        Err(Stop::Unsupported(why)) => {
+            Outcome::Unsupported(format!("{}: {why}", describe(&instr, bytes)))
+        }
     }
 }
 
@@ -142,24 +144,13 @@ fn finish<C: Cpu + ?Sized>(cpu: &mut C, next_ip: u64) {
 
 /// Bytes iced refuses. A recognised instruction with a LOCK prefix it does not allow raises
 /// #UD as on hardware; everything else is reported.
-fn invalid(
-    bytes: &[u8],
-    mode: Mode,
-    rip: u64,
-    error: DecoderError,
-) -> Outcome {
+fn invalid(bytes: &[u8], mode: Mode, rip: u64, error: DecoderError) -> Outcome {
     let hex = hex(bytes);
     if error == DecoderError::NoMoreBytes {
-        return Outcome::Unsupported(format!(
-            "truncated instruction at {rip:#x} (bytes {hex})"
-        ));
+        return Outcome::Unsupported(format!("truncated instruction at {rip:#x} (bytes {hex})"));
     }
-    let mut relaxed = Decoder::with_ip(
-        mode.bitness(),
-        bytes,
-        rip,
-        DecoderOptions::NO_INVALID_CHECK,
-    );
+    let mut relaxed =
+        Decoder::with_ip(mode.bitness(), bytes, rip, DecoderOptions::NO_INVALID_CHECK);
     let instr = relaxed.decode();
     if !instr.is_invalid() && instr.has_lock_prefix() {
         if let Some(kind) = classify(instr.code()) {
@@ -187,7 +178,11 @@ fn describe(instr: &Instruction, bytes: &[u8]) -> String {
     let mut text = String::new();
     FastFormatter::new().format(instr, &mut text);
     let len = instr.len().min(bytes.len());
-    format!("`{text}` at {:#x} (bytes {})", instr.ip(), hex(&bytes[..len]))
+    format!(
+        "`{text}` at {:#x} (bytes {})",
+        instr.ip(),
+        hex(&bytes[..len])
+    )
 }
 
 /// Maps an iced code to the instruction class that emulates it.
@@ -212,6 +207,7 @@ pub(crate) fn classify(code: Code) -> Option<Kind> {
         Xsaves_mem | Xsaves64_mem => Kind::Xsaves,
         Xrstor_mem | Xrstor64_mem => Kind::Xrstor,
         Xrstors_mem | Xrstors64_mem => Kind::Xrstors,
+        Xgetbv => Kind::Xgetbv,
         other => return sse::classify(other),
     })
 }
@@ -382,7 +378,10 @@ fn canonical(addr: u64, la57: bool) -> bool {
 }
 
 fn is_high_byte(reg: Register) -> bool {
-    matches!(reg, Register::AH | Register::CH | Register::DH | Register::BH)
+    matches!(
+        reg,
+        Register::AH | Register::CH | Register::DH | Register::BH
+    )
 }
 
 /// Value of any general register (sub-registers included) through the 64-bit accessor.

@@ -29,11 +29,12 @@ pub enum Kind {
     Xsaves,
     Xrstor,
     Xrstors,
+    Xgetbv,
 }
 
 impl Kind {
     /// Every kind, in counter/report order.
-    pub const ALL: [Kind; 21] = [
+    pub const ALL: [Kind; 22] = [
         Kind::Int3,
         Kind::Clac,
         Kind::Stac,
@@ -55,6 +56,7 @@ impl Kind {
         Kind::Xsaves,
         Kind::Xrstor,
         Kind::Xrstors,
+        Kind::Xgetbv,
     ];
 
     /// Stable lower-case name, used in counter reports and logs.
@@ -81,6 +83,7 @@ impl Kind {
             Kind::Xsaves => "xsaves",
             Kind::Xrstor => "xrstor",
             Kind::Xrstors => "xrstors",
+            Kind::Xgetbv => "xgetbv",
         }
     }
 
@@ -145,8 +148,10 @@ pub enum Outcome {
     /// The instruction raised an exception the worker must inject (see
     /// [`Exception::is_software`] for where RIP points).
     Exception { kind: Kind, exception: Exception },
-    /// Not emulated, nothing changed; the text names the instruction and why. The worker
-    /// should stop the VM with this message.
+    /// Not emulated; the text names the instruction and why. No register changed. Memory is
+    /// unchanged too, except when the backend refused ([`crate::MemFault::Unhandled`]) a later
+    /// part of a multi-part store (xsave/fxsave family). The worker should stop the VM with
+    /// this message.
     Unsupported(String),
 }
 

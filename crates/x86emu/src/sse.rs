@@ -17,55 +17,20 @@ const ZMM_HI256: u32 = 6;
 pub(crate) fn classify(code: Code) -> Option<Kind> {
     use Code::*;
     Some(match code {
-        Movaps_xmm_xmmm128
-        | Movaps_xmmm128_xmm
-        | Movapd_xmm_xmmm128
-        | Movapd_xmmm128_xmm
-        | Movdqa_xmm_xmmm128
-        | Movdqa_xmmm128_xmm
-        | Movups_xmm_xmmm128
-        | Movups_xmmm128_xmm
-        | Movupd_xmm_xmmm128
-        | Movupd_xmmm128_xmm
-        | Movdqu_xmm_xmmm128
-        | Movdqu_xmmm128_xmm
-        | Movntps_m128_xmm
-        | Movntpd_m128_xmm
-        | Movntdq_m128_xmm
-        | Movntdqa_xmm_m128
-        | Lddqu_xmm_m128
-        | Movd_xmm_rm32
-        | Movq_xmm_rm64
-        | Movd_rm32_xmm
-        | Movq_rm64_xmm
-        | Movq_xmm_xmmm64
-        | Movq_xmmm64_xmm
-        | Movss_xmm_xmmm32
-        | Movss_xmmm32_xmm
-        | Movsd_xmm_xmmm64
-        | Movsd_xmmm64_xmm
-        | Movlps_xmm_m64
-        | Movlpd_xmm_m64
-        | Movlps_m64_xmm
-        | Movlpd_m64_xmm
-        | Movhps_xmm_m64
-        | Movhpd_xmm_m64
-        | Movhps_m64_xmm
-        | Movhpd_m64_xmm
-        | Movhlps_xmm_xmm
-        | Movlhps_xmm_xmm => Kind::SseMove,
-        Pxor_xmm_xmmm128
-        | Xorps_xmm_xmmm128
-        | Xorpd_xmm_xmmm128
-        | Por_xmm_xmmm128
-        | Orps_xmm_xmmm128
-        | Orpd_xmm_xmmm128
-        | Pand_xmm_xmmm128
-        | Andps_xmm_xmmm128
-        | Andpd_xmm_xmmm128
-        | Pandn_xmm_xmmm128
-        | Andnps_xmm_xmmm128
-        | Andnpd_xmm_xmmm128 => Kind::SseLogic,
+        Movaps_xmm_xmmm128 | Movaps_xmmm128_xmm | Movapd_xmm_xmmm128 | Movapd_xmmm128_xmm
+        | Movdqa_xmm_xmmm128 | Movdqa_xmmm128_xmm | Movups_xmm_xmmm128 | Movups_xmmm128_xmm
+        | Movupd_xmm_xmmm128 | Movupd_xmmm128_xmm | Movdqu_xmm_xmmm128 | Movdqu_xmmm128_xmm
+        | Movntps_m128_xmm | Movntpd_m128_xmm | Movntdq_m128_xmm | Movntdqa_xmm_m128
+        | Lddqu_xmm_m128 | Movd_xmm_rm32 | Movq_xmm_rm64 | Movd_rm32_xmm | Movq_rm64_xmm
+        | Movq_xmm_xmmm64 | Movq_xmmm64_xmm | Movss_xmm_xmmm32 | Movss_xmmm32_xmm
+        | Movsd_xmm_xmmm64 | Movsd_xmmm64_xmm | Movlps_xmm_m64 | Movlpd_xmm_m64
+        | Movlps_m64_xmm | Movlpd_m64_xmm | Movhps_xmm_m64 | Movhpd_xmm_m64 | Movhps_m64_xmm
+        | Movhpd_m64_xmm | Movhlps_xmm_xmm | Movlhps_xmm_xmm => Kind::SseMove,
+        Pxor_xmm_xmmm128 | Xorps_xmm_xmmm128 | Xorpd_xmm_xmmm128 | Por_xmm_xmmm128
+        | Orps_xmm_xmmm128 | Orpd_xmm_xmmm128 | Pand_xmm_xmmm128 | Andps_xmm_xmmm128
+        | Andpd_xmm_xmmm128 | Pandn_xmm_xmmm128 | Andnps_xmm_xmmm128 | Andnpd_xmm_xmmm128 => {
+            Kind::SseLogic
+        }
         c if vex_move(c).is_some() => Kind::AvxMove,
         VEX_Vmovd_xmm_rm32
         | VEX_Vmovq_xmm_rm64
@@ -145,7 +110,9 @@ pub(crate) fn exec<C: Cpu + ?Sized>(ctx: &mut Ctx<'_, C>, kind: Kind) -> Res<()>
             ctx.check_avx()?;
             avx(ctx)
         }
-        other => Err(Stop::Unsupported(format!("{other} is not an SSE instruction"))),
+        other => Err(Stop::Unsupported(format!(
+            "{other} is not an SSE instruction"
+        ))),
     }
 }
 
@@ -233,8 +200,9 @@ fn sse_move<C: Cpu + ?Sized>(ctx: &mut Ctx<'_, C>) -> Res<()> {
         | Lddqu_xmm_m128 => {
             let align = match code {
                 Movups_xmm_xmmm128 | Movups_xmmm128_xmm | Movupd_xmm_xmmm128
-                | Movupd_xmmm128_xmm | Movdqu_xmm_xmmm128 | Movdqu_xmmm128_xmm
-                | Lddqu_xmm_m128 => 1,
+                | Movupd_xmmm128_xmm | Movdqu_xmm_xmmm128 | Movdqu_xmmm128_xmm | Lddqu_xmm_m128 => {
+                    1
+                }
                 _ => 16,
             };
             let value = load_xmm_or_mem(ctx, 1, 16, align)?;
@@ -448,7 +416,11 @@ fn avx<C: Cpu + ?Sized>(ctx: &mut Ctx<'_, C>) -> Res<()> {
         VEX_Vzeroupper | VEX_Vzeroall => {
             let regs: Vec<(usize, Ymm)> = (0..ctx.mode.vector_regs())
                 .map(|n| {
-                    let lo = if code == VEX_Vzeroall { 0 } else { ctx.cpu.xmm(n) };
+                    let lo = if code == VEX_Vzeroall {
+                        0
+                    } else {
+                        ctx.cpu.xmm(n)
+                    };
                     (n, (lo, 0))
                 })
                 .collect();

@@ -66,7 +66,9 @@ pub(crate) fn exec<C: Cpu + ?Sized>(ctx: &mut Ctx<'_, C>, kind: Kind) -> Res<()>
         Kind::Xsaves => xsave(ctx, fmt64, true, true),
         Kind::Xrstor => xrstor(ctx, fmt64, false),
         Kind::Xrstors => xrstor(ctx, fmt64, true),
-        other => Err(Stop::Unsupported(format!("{other} is not an xsave-family instruction"))),
+        other => Err(Stop::Unsupported(format!(
+            "{other} is not an xsave-family instruction"
+        ))),
     }
 }
 
@@ -171,7 +173,10 @@ fn fxsave<C: Cpu + ?Sized>(ctx: &mut Ctx<'_, C>, fmt64: bool) -> Res<()> {
     check_fx(ctx)?;
     let base = ctx.mem_addr(0, 512, 16)?;
     let x87 = encode_x87(&ctx.cpu.fpu(), fmt64);
-    let mut writes = vec![(0, x87[..24].to_vec()), (FX_ST as u64, x87[FX_ST..].to_vec())];
+    let mut writes = vec![
+        (0, x87[..24].to_vec()),
+        (FX_ST as u64, x87[FX_ST..].to_vec()),
+    ];
     if ctx.cpu.cr4() & CR4_OSFXSR != 0 {
         writes.push((FX_MXCSR, mxcsr_bytes(ctx.cpu)));
         if !fast_fx(ctx) {
@@ -486,7 +491,9 @@ fn xrstor<C: Cpu + ?Sized>(ctx: &mut Ctx<'_, C>, fmt64: bool, supervisor: bool) 
         if load & (1 << c) != 0 {
             // Loaded components are in XSTATE_BV, so they were placed above.
             let Some(p) = placed.iter().find(|p| p.component == c) else {
-                return Err(Stop::Unsupported(format!("{kind}: component {c} not placed")));
+                return Err(Stop::Unsupported(format!(
+                    "{kind}: component {c} not placed"
+                )));
             };
             ctx.read_mem(base.wrapping_add(p.offset), &mut data)?;
         }

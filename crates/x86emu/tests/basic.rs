@@ -161,8 +161,11 @@ fn popcnt_matches_host_for_all_sizes() {
         let dst = rng.next();
         let flags = if i % 2 == 0 { 0x2 | ARITH } else { 0x2 };
         type HostFn = fn(u64, u64, u64) -> (u64, u64);
-        let cases: [(&[u8], HostFn); 3] =
-            [(&p64, host_popcnt64), (&p32, host_popcnt32), (&p16, host_popcnt16)];
+        let cases: [(&[u8], HostFn); 3] = [
+            (&p64, host_popcnt64),
+            (&p32, host_popcnt32),
+            (&p16, host_popcnt16),
+        ];
         for (bytes, host) in cases {
             let mut cpu = MockCpu::new();
             cpu.set(RAX, dst);
@@ -171,7 +174,11 @@ fn popcnt_matches_host_for_all_sizes() {
             assert_eq!(cpu.run(bytes), Outcome::Done(Kind::Popcnt));
             let (want, want_flags) = host(dst, src, flags);
             assert_eq!(cpu.get(RAX), want, "{bytes:02x?} src {src:#x} dst {dst:#x}");
-            assert_eq!(cpu.rflags & ARITH, want_flags & ARITH, "flags, src {src:#x}");
+            assert_eq!(
+                cpu.rflags & ARITH,
+                want_flags & ARITH,
+                "flags, src {src:#x}"
+            );
             assert_eq!(cpu.get(RBX), src);
         }
     }
@@ -183,10 +190,7 @@ fn popcnt_memory_operand_with_fs_override_and_rip_relative() {
     cpu.seg[4] = 0x7000_0000; // FS base
     cpu.seg[3] = 0xdead_0000; // DS base: ignored in 64-bit mode
     cpu.set(RSI, 0x10);
-    let bytes = i64(
-        "64 f3 48 0f b8 44 b6 08",
-        "popcnt rax,fs:[rsi+rsi*4+8h]",
-    );
+    let bytes = i64("64 f3 48 0f b8 44 b6 08", "popcnt rax,fs:[rsi+rsi*4+8h]");
     // rsi + rsi*4 = 0x50: put the value there instead.
     cpu.poke(0x7000_0000 + 0x58, &0x0f0f_0f0f_u64.to_le_bytes());
     assert_eq!(cpu.run(&bytes), Outcome::Done(Kind::Popcnt));
@@ -289,14 +293,23 @@ fn ldmxcsr_faults() {
     assert_eq!(cpu.run(&ld), exc(Kind::Ldmxcsr, 6, None, None));
     cpu.cr4 |= CR4_OSFXSR;
     cpu.set(RBX, 0x20_0000);
-    assert_eq!(cpu.run(&ld), exc(Kind::Ldmxcsr, 14, Some(0), Some(0x20_0000)));
+    assert_eq!(
+        cpu.run(&ld),
+        exc(Kind::Ldmxcsr, 14, Some(0), Some(0x20_0000))
+    );
     cpu.cpl = 3;
-    assert_eq!(cpu.run(&ld), exc(Kind::Ldmxcsr, 14, Some(4), Some(0x20_0000)));
+    assert_eq!(
+        cpu.run(&ld),
+        exc(Kind::Ldmxcsr, 14, Some(4), Some(0x20_0000))
+    );
     // vldmxcsr needs OSXSAVE.
     cpu.cpl = 0;
     cpu.set(RBX, 0x9000);
     cpu.cr4 &= !CR4_OSXSAVE;
-    assert_eq!(cpu.run(&[0xc5, 0xf8, 0xae, 0x13]), exc(Kind::Ldmxcsr, 6, None, None));
+    assert_eq!(
+        cpu.run(&[0xc5, 0xf8, 0xae, 0x13]),
+        exc(Kind::Ldmxcsr, 6, None, None)
+    );
 }
 
 #[test]
@@ -319,7 +332,14 @@ fn movnti_stores_gpr() {
 
 /// The host's `lock cmpxchg16b` / `lock cmpxchg8b` with full register state:
 /// (memory after, rax, rdx, zf).
-fn host_cmpxchg(size: usize, mem: u128, rax: u64, rdx: u64, rbx: u64, rcx: u64) -> (u128, u64, u64, bool) {
+fn host_cmpxchg(
+    size: usize,
+    mem: u128,
+    rax: u64,
+    rdx: u64,
+    rbx: u64,
+    rcx: u64,
+) -> (u128, u64, u64, bool) {
     #[repr(align(16))]
     struct Cell(u128);
     let mut cell = Cell(mem);
@@ -369,7 +389,11 @@ fn cmpxchg16b_and_8b_match_host() {
         let mem = match round % 4 {
             // Equal to the comparand (upper register halves are ignored by cmpxchg8b).
             0 => (u128::from(rdx) << 64) | u128::from(rax),
-            1 => (u128::from(rng.next()) << 64) | (u128::from(rdx as u32) << 32) | u128::from(rax as u32),
+            1 => {
+                (u128::from(rng.next()) << 64)
+                    | (u128::from(rdx as u32) << 32)
+                    | u128::from(rax as u32)
+            }
             _ => rng.u128(),
         };
         let (want_mem, want_rax, want_rdx, want_zf) = host_cmpxchg(size, mem, rax, rdx, rbx, rcx);
@@ -382,14 +406,22 @@ fn cmpxchg16b_and_8b_match_host() {
         cpu.set(RBX, rbx);
         cpu.set(RCX, rcx);
         cpu.rflags = 0x2 | RFLAGS_CF | RFLAGS_SF | if round % 3 == 0 { RFLAGS_ZF } else { 0 };
-        let kind = if size == 16 { Kind::Cmpxchg16b } else { Kind::Cmpxchg8b };
+        let kind = if size == 16 {
+            Kind::Cmpxchg16b
+        } else {
+            Kind::Cmpxchg8b
+        };
         let out = cpu.run(if size == 16 { &c16 } else { &c8 });
         assert_eq!(out, Outcome::Done(kind));
         assert_eq!(cpu.peek_u128(0x6000), want_mem, "memory, round {round}");
         assert_eq!(cpu.get(RAX), want_rax, "rax, round {round}");
         assert_eq!(cpu.get(RDX), want_rdx, "rdx, round {round}");
         assert_eq!(cpu.rflags & RFLAGS_ZF != 0, want_zf, "zf, round {round}");
-        assert_eq!(cpu.rflags & (RFLAGS_CF | RFLAGS_SF), RFLAGS_CF | RFLAGS_SF, "other flags kept");
+        assert_eq!(
+            cpu.rflags & (RFLAGS_CF | RFLAGS_SF),
+            RFLAGS_CF | RFLAGS_SF,
+            "other flags kept"
+        );
         if round % 4 == 0 {
             assert!(want_zf, "round {round} should succeed");
         }
@@ -412,12 +444,23 @@ fn host_helpers_match_emulation() {
         assert_eq!(cell.0, if start == expected { new } else { start });
 
         let start8 = start as u64;
-        let expected8 = if rng.below(2) == 0 { start8 } else { rng.next() };
+        let expected8 = if rng.below(2) == 0 {
+            start8
+        } else {
+            rng.next()
+        };
         let mut word = start8;
         // SAFETY: `word` is live.
         let found = unsafe { x86emu::host::cmpxchg8b(&mut word, expected8, new as u64) };
         assert_eq!(found, start8);
-        assert_eq!(word, if start8 == expected8 { new as u64 } else { start8 });
+        assert_eq!(
+            word,
+            if start8 == expected8 {
+                new as u64
+            } else {
+                start8
+            }
+        );
     }
 }
 
@@ -433,14 +476,20 @@ fn cmpxchg16b_faults() {
 
     // Not present: reported as a write access (locked read-modify-write).
     cpu.set(RDI, 0x8000);
-    assert_eq!(cpu.run(&c16), exc(Kind::Cmpxchg16b, 14, Some(2), Some(0x8000)));
+    assert_eq!(
+        cpu.run(&c16),
+        exc(Kind::Cmpxchg16b, 14, Some(2), Some(0x8000))
+    );
 
     // A read-only page faults on the write even when the comparison fails.
     cpu.set(RDI, 0x6000);
     cpu.poke(0x6000, &[0xaa; 16]);
     cpu.readonly.insert(6);
     let before = cpu.clone();
-    assert_eq!(cpu.run(&c16), exc(Kind::Cmpxchg16b, 14, Some(3), Some(0x6000)));
+    assert_eq!(
+        cpu.run(&c16),
+        exc(Kind::Cmpxchg16b, 14, Some(3), Some(0x6000))
+    );
     assert_eq!(cpu, before);
 
     // Non-canonical address: #GP(0); through RSP/RBP (SS): #SS(0).
@@ -535,17 +584,83 @@ fn counters_count_and_merge() {
     a.record(&cpu.run(&[0xcc]));
     a.record(&cpu.run(&[0x0f, 0x05]));
     assert_eq!(a.get(Kind::Clac), 3);
-    assert_eq!(a.report(), "int3=1 clac=3 stac=1 exceptions=1 unsupported=1");
+    assert_eq!(
+        a.report(),
+        "int3=1 clac=3 stac=1 exceptions=1 unsupported=1"
+    );
     let mut b = QuirkCounters::new();
     assert_eq!(b.report(), "none");
     b.record(&Outcome::Done(Kind::Popcnt));
     b.record(&Outcome::Done(Kind::Clac));
     b.merge(&a);
-    assert_eq!(b.report(), "int3=1 clac=4 stac=1 popcnt=1 exceptions=1 unsupported=1");
+    assert_eq!(
+        b.report(),
+        "int3=1 clac=4 stac=1 popcnt=1 exceptions=1 unsupported=1"
+    );
     assert_eq!(b.total(), 8);
     assert_eq!(b.to_string(), b.report());
     // Names are unique and stable.
     let names: std::collections::BTreeSet<_> = Kind::ALL.iter().map(|k| k.name()).collect();
     assert_eq!(names.len(), Kind::ALL.len());
+    for (i, k) in Kind::ALL.iter().enumerate() {
+        assert_eq!(*k as usize, i, "Kind::ALL is in declaration order");
+    }
     assert_eq!(Kind::Cmpxchg16b.to_string(), "cmpxchg16b");
+}
+
+#[test]
+fn mode_from_kvm_state() {
+    let pe = 1;
+    let lma = 1 << 10;
+    let vm = 1 << 17;
+    assert_eq!(Mode::from_state(0, 0x2, 0, false, false), Mode::Real);
+    assert_eq!(Mode::from_state(pe, 0x2, 0, false, true), Mode::Protected32);
+    assert_eq!(
+        Mode::from_state(pe, 0x2, 0, false, false),
+        Mode::Protected16
+    );
+    assert_eq!(
+        Mode::from_state(pe, 0x2 | vm, 0, false, false),
+        Mode::Virtual8086
+    );
+    assert_eq!(
+        Mode::from_state(pe | 1 << 31, 0x2, lma, true, false),
+        Mode::Long64
+    );
+    assert_eq!(
+        Mode::from_state(pe | 1 << 31, 0x2, lma, false, true),
+        Mode::Protected32,
+        "compat"
+    );
+    assert_eq!(Mode::Long64.bitness(), 64);
+    assert_eq!(Mode::Virtual8086.bitness(), 16);
+}
+
+#[test]
+fn xgetbv_reads_xcr0_and_checks_osxsave_and_index() {
+    let bytes = i64("0f 01 d0", "xgetbv");
+    let mut cpu = MockCpu::new();
+    cpu.xcr0 = 0x2e7;
+    cpu.set(RAX, 0xdead);
+    cpu.set(RDX, 0xbeef);
+    cpu.set(RCX, 0);
+    assert_eq!(cpu.run(&bytes), Outcome::Done(Kind::Xgetbv));
+    assert_eq!((cpu.get(RAX), cpu.get(RDX)), (0x2e7, 0));
+    // Another XCR: #GP(0), registers unchanged.
+    let mut cpu = MockCpu::new();
+    cpu.set(RCX, 1);
+    cpu.set(RAX, 7);
+    match cpu.run(&bytes) {
+        Outcome::Exception { exception, .. } => assert_eq!(exception.vector, 13),
+        o => panic!("{o:?}"),
+    }
+    assert_eq!(cpu.get(RAX), 7);
+    // Without CR4.OSXSAVE: #UD.
+    let mut cpu = MockCpu::new();
+    cpu.cr4 &= !x86emu::bits::CR4_OSXSAVE;
+    cpu.set(RCX, 0);
+    match cpu.run(&bytes) {
+        Outcome::Exception { exception, .. } => assert_eq!(exception.vector, 6),
+        o => panic!("{o:?}"),
+    }
 }

@@ -123,13 +123,27 @@ fn host_ymm(bytes_id: u32, y0: [u128; 2], y1: [u128; 2], rax: u64) -> ([u128; 2]
     // SAFETY: each block is one AVX instruction on ymm0/ymm1/rax, all declared.
     unsafe {
         match bytes_id {
-            0 => std::arch::asm!(".byte 0xc5,0xfe,0x6f,0xc1", inout("ymm0") h0, inout("ymm1") h1, in("rax") rax, options(nostack, nomem)),
-            1 => std::arch::asm!(".byte 0xc5,0xfa,0x6f,0xc1", inout("ymm0") h0, inout("ymm1") h1, in("rax") rax, options(nostack, nomem)),
-            2 => std::arch::asm!(".byte 0xc5,0xf5,0xef,0xc1", inout("ymm0") h0, inout("ymm1") h1, in("rax") rax, options(nostack, nomem)),
-            3 => std::arch::asm!(".byte 0xc5,0xf0,0x57,0xc1", inout("ymm0") h0, inout("ymm1") h1, in("rax") rax, options(nostack, nomem)),
-            4 => std::arch::asm!(".byte 0xc5,0xf9,0x6e,0xc0", inout("ymm0") h0, inout("ymm1") h1, in("rax") rax, options(nostack, nomem)),
-            5 => std::arch::asm!(".byte 0xc5,0xfa,0x7e,0xc1", inout("ymm0") h0, inout("ymm1") h1, in("rax") rax, options(nostack, nomem)),
-            _ => std::arch::asm!(".byte 0xc5,0xfc,0x28,0xc1", inout("ymm0") h0, inout("ymm1") h1, in("rax") rax, options(nostack, nomem)),
+            0 => {
+                std::arch::asm!(".byte 0xc5,0xfe,0x6f,0xc1", inout("ymm0") h0, inout("ymm1") h1, in("rax") rax, options(nostack, nomem))
+            }
+            1 => {
+                std::arch::asm!(".byte 0xc5,0xfa,0x6f,0xc1", inout("ymm0") h0, inout("ymm1") h1, in("rax") rax, options(nostack, nomem))
+            }
+            2 => {
+                std::arch::asm!(".byte 0xc5,0xf5,0xef,0xc1", inout("ymm0") h0, inout("ymm1") h1, in("rax") rax, options(nostack, nomem))
+            }
+            3 => {
+                std::arch::asm!(".byte 0xc5,0xf0,0x57,0xc1", inout("ymm0") h0, inout("ymm1") h1, in("rax") rax, options(nostack, nomem))
+            }
+            4 => {
+                std::arch::asm!(".byte 0xc5,0xf9,0x6e,0xc0", inout("ymm0") h0, inout("ymm1") h1, in("rax") rax, options(nostack, nomem))
+            }
+            5 => {
+                std::arch::asm!(".byte 0xc5,0xfa,0x7e,0xc1", inout("ymm0") h0, inout("ymm1") h1, in("rax") rax, options(nostack, nomem))
+            }
+            _ => {
+                std::arch::asm!(".byte 0xc5,0xfc,0x28,0xc1", inout("ymm0") h0, inout("ymm1") h1, in("rax") rax, options(nostack, nomem))
+            }
         }
     }
     // SAFETY: as above.
@@ -202,62 +216,114 @@ fn memory_loads_and_stores() {
     cpu.set(RBX, 0x5001);
 
     let run = |cpu: &mut MockCpu, hex: &str, text: &str| cpu.run(&i64(hex, text));
-    assert_eq!(run(&mut cpu, "66 0f 6f 00", "movdqa xmm0,[rax]"), Outcome::Done(Kind::SseMove));
+    assert_eq!(
+        run(&mut cpu, "66 0f 6f 00", "movdqa xmm0,[rax]"),
+        Outcome::Done(Kind::SseMove)
+    );
     assert_eq!(cpu.xmm[0], v);
     let before = cpu.clone();
     assert_eq!(
         run(&mut cpu, "66 0f 6f 0b", "movdqa xmm1,[rbx]"),
         Outcome::Exception {
             kind: Kind::SseMove,
-            exception: Exception { vector: 13, error_code: Some(0), cr2: None }
+            exception: Exception {
+                vector: 13,
+                error_code: Some(0),
+                cr2: None
+            }
         }
     );
     assert_eq!(cpu, before);
-    assert_eq!(run(&mut cpu, "f3 0f 6f 0b", "movdqu xmm1,[rbx]"), Outcome::Done(Kind::SseMove));
-    assert_eq!(cpu.xmm[1], (v >> 8) | (0u128 << 120));
-    assert_eq!(run(&mut cpu, "0f 10 13", "movups xmm2,[rbx]"), Outcome::Done(Kind::SseMove));
+    assert_eq!(
+        run(&mut cpu, "f3 0f 6f 0b", "movdqu xmm1,[rbx]"),
+        Outcome::Done(Kind::SseMove)
+    );
+    assert_eq!(cpu.xmm[1], v >> 8, "byte 16 (at 0x5010) is zero");
+    assert_eq!(
+        run(&mut cpu, "0f 10 13", "movups xmm2,[rbx]"),
+        Outcome::Done(Kind::SseMove)
+    );
     assert_eq!(cpu.xmm[2], v >> 8);
 
     // Stores.
     cpu.xmm[3] = u128::MAX - 1;
-    assert_eq!(run(&mut cpu, "0f 29 58 10", "movaps [rax+10h],xmm3"), Outcome::Done(Kind::SseMove));
+    assert_eq!(
+        run(&mut cpu, "0f 29 58 10", "movaps [rax+10h],xmm3"),
+        Outcome::Done(Kind::SseMove)
+    );
     assert_eq!(cpu.peek_u128(0x5010), u128::MAX - 1);
-    assert_eq!(run(&mut cpu, "66 0f e7 58 20", "movntdq [rax+20h],xmm3"), Outcome::Done(Kind::SseMove));
+    assert_eq!(
+        run(&mut cpu, "66 0f e7 58 20", "movntdq [rax+20h],xmm3"),
+        Outcome::Done(Kind::SseMove)
+    );
     assert_eq!(cpu.peek_u128(0x5020), u128::MAX - 1);
 
     // movss/movsd from memory zero-extend; to memory write only their width.
     cpu.xmm[4] = u128::MAX;
-    assert_eq!(run(&mut cpu, "f3 0f 10 20", "movss xmm4,[rax]"), Outcome::Done(Kind::SseMove));
+    assert_eq!(
+        run(&mut cpu, "f3 0f 10 20", "movss xmm4,[rax]"),
+        Outcome::Done(Kind::SseMove)
+    );
     assert_eq!(cpu.xmm[4], 0x0302_0100);
     cpu.xmm[4] = u128::MAX;
-    assert_eq!(run(&mut cpu, "f2 0f 10 20", "movsd xmm4,[rax]"), Outcome::Done(Kind::SseMove));
+    assert_eq!(
+        run(&mut cpu, "f2 0f 10 20", "movsd xmm4,[rax]"),
+        Outcome::Done(Kind::SseMove)
+    );
     assert_eq!(cpu.xmm[4], 0x0706_0504_0302_0100);
     cpu.xmm[5] = 0xaabb_ccdd;
-    assert_eq!(run(&mut cpu, "f3 0f 11 68 30", "movss [rax+30h],xmm5"), Outcome::Done(Kind::SseMove));
+    assert_eq!(
+        run(&mut cpu, "f3 0f 11 68 30", "movss [rax+30h],xmm5"),
+        Outcome::Done(Kind::SseMove)
+    );
     assert_eq!(cpu.peek_u64(0x5030), 0xaabb_ccdd);
 
     // movlps/movhps merge halves; stores write 8 bytes.
     cpu.xmm[6] = u128::MAX;
-    assert_eq!(run(&mut cpu, "0f 12 30", "movlps xmm6,[rax]"), Outcome::Done(Kind::SseMove));
+    assert_eq!(
+        run(&mut cpu, "0f 12 30", "movlps xmm6,[rax]"),
+        Outcome::Done(Kind::SseMove)
+    );
     assert_eq!(cpu.xmm[6], (u128::MAX << 64) | 0x0706_0504_0302_0100);
-    assert_eq!(run(&mut cpu, "66 0f 16 30", "movhpd xmm6,[rax]"), Outcome::Done(Kind::SseMove));
-    assert_eq!(cpu.xmm[6], (0x0706_0504_0302_0100u128 << 64) | 0x0706_0504_0302_0100);
+    assert_eq!(
+        run(&mut cpu, "66 0f 16 30", "movhpd xmm6,[rax]"),
+        Outcome::Done(Kind::SseMove)
+    );
+    assert_eq!(
+        cpu.xmm[6],
+        (0x0706_0504_0302_0100u128 << 64) | 0x0706_0504_0302_0100
+    );
     cpu.xmm[7] = (1u128 << 64) | 2;
-    assert_eq!(run(&mut cpu, "0f 17 78 40", "movhps [rax+40h],xmm7"), Outcome::Done(Kind::SseMove));
+    assert_eq!(
+        run(&mut cpu, "0f 17 78 40", "movhps [rax+40h],xmm7"),
+        Outcome::Done(Kind::SseMove)
+    );
     assert_eq!(cpu.peek_u64(0x5040), 1);
 
     // movd/movq with memory.
-    assert_eq!(run(&mut cpu, "66 0f 7e 78 48", "movd [rax+48h],xmm7"), Outcome::Done(Kind::SseMove));
+    assert_eq!(
+        run(&mut cpu, "66 0f 7e 78 48", "movd [rax+48h],xmm7"),
+        Outcome::Done(Kind::SseMove)
+    );
     assert_eq!(cpu.peek_u64(0x5048), 2);
-    assert_eq!(run(&mut cpu, "66 0f d6 78 50", "movq [rax+50h],xmm7"), Outcome::Done(Kind::SseMove));
+    assert_eq!(
+        run(&mut cpu, "66 0f d6 78 50", "movq [rax+50h],xmm7"),
+        Outcome::Done(Kind::SseMove)
+    );
     assert_eq!(cpu.peek_u64(0x5050), 2);
-    assert_eq!(run(&mut cpu, "66 48 0f 6e 00", "movq xmm0,[rax]"), Outcome::Done(Kind::SseMove));
+    assert_eq!(
+        run(&mut cpu, "66 48 0f 6e 00", "movq xmm0,[rax]"),
+        Outcome::Done(Kind::SseMove)
+    );
     assert_eq!(cpu.xmm[0], 0x0706_0504_0302_0100);
 
     // pxor with a misaligned memory operand: #GP(0).
     assert!(matches!(
         run(&mut cpu, "66 0f ef 03", "pxor xmm0,[rbx]"),
-        Outcome::Exception { exception: Exception { vector: 13, .. }, .. }
+        Outcome::Exception {
+            exception: Exception { vector: 13, .. },
+            ..
+        }
     ));
     // Page fault on a store.
     cpu.set(RDI, 0x9_0000);
@@ -265,7 +331,11 @@ fn memory_loads_and_stores() {
         run(&mut cpu, "66 0f 7f 07", "movdqa [rdi],xmm0"),
         Outcome::Exception {
             kind: Kind::SseMove,
-            exception: Exception { vector: 14, error_code: Some(2), cr2: Some(0x9_0000) }
+            exception: Exception {
+                vector: 14,
+                error_code: Some(2),
+                cr2: Some(0x9_0000)
+            }
         }
     );
 }
@@ -279,7 +349,14 @@ fn sse_needs_osfxsr_and_honours_em_ts() {
         let before = cpu.clone();
         assert_eq!(
             cpu.run(&pxor),
-            Outcome::Exception { kind: Kind::SseLogic, exception: Exception { vector, error_code: None, cr2: None } }
+            Outcome::Exception {
+                kind: Kind::SseLogic,
+                exception: Exception {
+                    vector,
+                    error_code: None,
+                    cr2: None
+                }
+            }
         );
         assert_eq!(*cpu, before);
     };
@@ -310,11 +387,20 @@ fn vex_writes_zero_upper_bits_including_zmm() {
     );
     assert_eq!((cpu.xmm[2], cpu.ymmh[2]), (3, 0));
     let zmm = &cpu.other[&6];
-    assert!(zmm[64..96].iter().all(|&b| b == 0), "ZMM2 bits 511:256 zeroed");
-    assert!(zmm[..64].iter().chain(&zmm[96..]).all(|&b| b == 0xee), "others kept");
+    assert!(
+        zmm[64..96].iter().all(|&b| b == 0),
+        "ZMM2 bits 511:256 zeroed"
+    );
+    assert!(
+        zmm[..64].iter().chain(&zmm[96..]).all(|&b| b == 0xee),
+        "others kept"
+    );
 
     // vzeroupper: all 16 registers, YMM high and ZMM high, XMM kept.
-    assert_eq!(cpu.run(&i64("c5 f8 77", "vzeroupper")), Outcome::Done(Kind::AvxMove));
+    assert_eq!(
+        cpu.run(&i64("c5 f8 77", "vzeroupper")),
+        Outcome::Done(Kind::AvxMove)
+    );
     assert_eq!(cpu.xmm[3], 3);
     assert_eq!(cpu.ymmh, [0; 16]);
     assert!(cpu.other[&6].iter().all(|&b| b == 0));
@@ -326,11 +412,20 @@ fn vex_writes_zero_upper_bits_including_zmm() {
         cpu.run(&i64("c5 fe 6f 00", "vmovdqu ymm0,[rax]")),
         Outcome::Done(Kind::AvxMove)
     );
-    assert_eq!(cpu.xmm[0], u128::from_le_bytes((0..16).collect::<Vec<u8>>().try_into().unwrap()));
-    assert_eq!(cpu.ymmh[0], u128::from_le_bytes((16..32).collect::<Vec<u8>>().try_into().unwrap()));
+    assert_eq!(
+        cpu.xmm[0],
+        u128::from_le_bytes((0..16).collect::<Vec<u8>>().try_into().unwrap())
+    );
+    assert_eq!(
+        cpu.ymmh[0],
+        u128::from_le_bytes((16..32).collect::<Vec<u8>>().try_into().unwrap())
+    );
     assert!(matches!(
         cpu.run(&i64("c5 fd 6f 00", "vmovdqa ymm0,[rax]")),
-        Outcome::Exception { exception: Exception { vector: 13, .. }, .. }
+        Outcome::Exception {
+            exception: Exception { vector: 13, .. },
+            ..
+        }
     ));
     // ... and a store of ymm.
     cpu.set(RBX, 0x7040);
@@ -364,14 +459,20 @@ fn vex_requires_xsave_avx_state() {
     let before = cpu.clone();
     assert!(matches!(
         cpu.run(&bytes),
-        Outcome::Exception { exception: Exception { vector: 6, .. }, .. }
+        Outcome::Exception {
+            exception: Exception { vector: 6, .. },
+            ..
+        }
     ));
     assert_eq!(cpu, before);
     cpu.xcr0 = 0x7;
     cpu.cr0 |= CR0_TS;
     assert!(matches!(
         cpu.run(&bytes),
-        Outcome::Exception { exception: Exception { vector: 7, .. }, .. }
+        Outcome::Exception {
+            exception: Exception { vector: 7, .. },
+            ..
+        }
     ));
     // AVX-512 state on, but the backend cannot provide ZMM_Hi256: unsupported, nothing changed.
     cpu.cr0 &= !CR0_TS;

@@ -40,9 +40,15 @@ fn put(byte: u8) {
     unsafe { outb(THR, byte) };
 }
 
-/// A handle for writing to COM1; `lock()` holds the line lock until dropped.
+/// Capacity of a capturing writer.
+const CAPTURE_LEN: usize = 160;
+
+/// A handle for writing to COM1; `lock()` holds the line lock until dropped. A capturing
+/// writer (`capture()`) formats into a small buffer instead, for text that must be printed
+/// later in a line.
 pub struct Writer {
     locked: bool,
+    capture: Option<([u8; CAPTURE_LEN], usize)>,
 }
 
 impl Writer {
@@ -50,23 +56,56 @@ impl Writer {
         while LOCK.swap(true, Ordering::Acquire) {
             core::hint::spin_loop();
         }
-        Writer { locked: true }
+        Writer {
+            locked: true,
+            capture: None,
+        }
     }
 
     /// Without the lock: for fault and panic paths, where the lock may be held already.
     pub fn unlocked() -> Writer {
-        Writer { locked: false }
+        Writer {
+            locked: false,
+            capture: None,
+        }
+    }
+
+    /// Into a buffer (silently truncated when full), read back with `captured`.
+    pub fn capture() -> Writer {
+        Writer {
+            locked: false,
+            capture: Some(([0; CAPTURE_LEN], 0)),
+        }
+    }
+
+    pub fn captured(&self) -> &[u8] {
+        match &self.capture {
+            Some((buf, len)) => &buf[..*len],
+            None => &[],
+        }
+    }
+
+    fn emit(&mut self, b: u8) {
+        match &mut self.capture {
+            Some((buf, len)) => {
+                if *len < CAPTURE_LEN {
+                    buf[*len] = b;
+                    *len += 1;
+                }
+            }
+            None => put(b),
+        }
     }
 
     pub fn byte(&mut self, b: u8) -> &mut Self {
-        put(b);
+        self.emit(b);
         self
     }
 
     #[inline(never)]
     pub fn bytes(&mut self, s: &[u8]) -> &mut Self {
         for &b in s {
-            put(b);
+            self.emit(b);
         }
         self
     }
@@ -80,7 +119,7 @@ impl Writer {
     #[inline(never)]
     pub fn printable(&mut self, s: &[u8]) -> &mut Self {
         for &b in s {
-            put(if (0x20..=0x7e).contains(&b) { b } else { b'?' });
+            self.emit(if (0x20..=0x7e).contains(&b) { b } else { b'?' });
         }
         self
     }
@@ -96,7 +135,7 @@ impl Writer {
         };
         for i in (0..digits).rev() {
             let d = ((v >> (i * 4)) & 0xf) as u8;
-            put(if d < 10 { b'0' + d } else { b'a' + d - 10 });
+            self.emit(if d < 10 { b'0' + d } else { b'a' + d - 10 });
         }
         self
     }

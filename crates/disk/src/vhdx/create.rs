@@ -72,28 +72,49 @@ fn layout(geo: &Geometry, log_size: u64) -> Layout {
     let meta_offset = LOG_OFFSET + log_size;
     let bat_offset = meta_offset + MIB;
     let bat_length = (geo.total_bat_entries() * 8).div_ceil(MIB).max(1) * MIB;
-    Layout { log_size, meta_offset, bat_offset, bat_length, payload_offset: bat_offset + bat_length }
+    Layout {
+        log_size,
+        meta_offset,
+        bat_offset,
+        bat_length,
+        payload_offset: bat_offset + bat_length,
+    }
 }
 
 fn validate(p: &CreateParams) -> Result<u64> {
     let bad = |s: String| Err(Error::InvalidArgument(s));
     if p.logical_sector_size != 512 && p.logical_sector_size != 4096 {
-        return bad(format!("logical sector size {} must be 512 or 4096", p.logical_sector_size));
+        return bad(format!(
+            "logical sector size {} must be 512 or 4096",
+            p.logical_sector_size
+        ));
     }
     if p.physical_sector_size != 512 && p.physical_sector_size != 4096 {
-        return bad(format!("physical sector size {} must be 512 or 4096", p.physical_sector_size));
+        return bad(format!(
+            "physical sector size {} must be 512 or 4096",
+            p.physical_sector_size
+        ));
     }
     if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&p.block_size) || !p.block_size.is_power_of_two()
     {
-        return bad(format!("block size {} must be a power of two from 1 MiB to 256 MiB", p.block_size));
+        return bad(format!(
+            "block size {} must be a power of two from 1 MiB to 256 MiB",
+            p.block_size
+        ));
     }
     if p.log_size == 0 || p.log_size as u64 % MIB != 0 {
-        return bad(format!("log size {} must be a non-zero multiple of 1 MiB", p.log_size));
+        return bad(format!(
+            "log size {} must be a non-zero multiple of 1 MiB",
+            p.log_size
+        ));
     }
     let lss = p.logical_sector_size as u64;
     let size = p.virtual_size.div_ceil(lss) * lss;
     if size == 0 || size > MAX_VIRTUAL_SIZE {
-        return bad(format!("virtual size {} must be between 1 byte and 64 TiB", p.virtual_size));
+        return bad(format!(
+            "virtual size {} must be between 1 byte and 64 TiB",
+            p.virtual_size
+        ));
     }
     Ok(size)
 }
@@ -139,7 +160,11 @@ fn write_image(
     let vd = META_FLAG_IS_VIRTUAL_DISK | META_FLAG_IS_REQUIRED;
     let mut items: Vec<(Guid, u32, Vec<u8>)> = vec![
         (META_FILE_PARAMETERS, META_FLAG_IS_REQUIRED, fp),
-        (META_VIRTUAL_DISK_SIZE, vd, geo.virtual_size.to_le_bytes().to_vec()),
+        (
+            META_VIRTUAL_DISK_SIZE,
+            vd,
+            geo.virtual_size.to_le_bytes().to_vec(),
+        ),
         (META_VIRTUAL_DISK_ID, vd, disk_id.0.to_vec()),
         (META_LOGICAL_SECTOR_SIZE, vd, lss.to_le_bytes().to_vec()),
         (META_PHYSICAL_SECTOR_SIZE, vd, pss.to_le_bytes().to_vec()),
@@ -152,7 +177,12 @@ fn write_image(
     let mut off = METADATA_TABLE_SIZE as u32;
     for (gid, fl, data) in &items {
         region[off as usize..off as usize + data.len()].copy_from_slice(data);
-        entries.push(MetaEntry { id: *gid, offset: off, length: data.len() as u32, flags: *fl });
+        entries.push(MetaEntry {
+            id: *gid,
+            offset: off,
+            length: data.len() as u32,
+            flags: *fl,
+        });
         off += (data.len() as u32).div_ceil(8) * 8;
     }
     let table = build_metadata_table(&entries);
@@ -164,7 +194,10 @@ fn write_image(
     let mut bat = vec![0u8; lay.bat_length as usize];
     if fixed {
         for b in 0..geo.payload_blocks() {
-            let e = bat_entry(PAYLOAD_BLOCK_FULLY_PRESENT, lay.payload_offset + b * geo.block_size);
+            let e = bat_entry(
+                PAYLOAD_BLOCK_FULLY_PRESENT,
+                lay.payload_offset + b * geo.block_size,
+            );
             let i = geo.payload_index(b);
             bat[i * 8..i * 8 + 8].copy_from_slice(&e.to_le_bytes());
         }
@@ -174,8 +207,18 @@ fn write_image(
 
     // Region tables.
     let regions = [
-        Region { guid: REGION_BAT, offset: lay.bat_offset, length: lay.bat_length, required: true },
-        Region { guid: REGION_METADATA, offset: lay.meta_offset, length: MIB, required: true },
+        Region {
+            guid: REGION_BAT,
+            offset: lay.bat_offset,
+            length: lay.bat_length,
+            required: true,
+        },
+        Region {
+            guid: REGION_METADATA,
+            offset: lay.meta_offset,
+            length: MIB,
+            required: true,
+        },
     ];
     let rt = RegionTable::build(&regions);
     for off in REGION_TABLE_OFFSETS {
@@ -189,7 +232,8 @@ fn write_image(
         lay.payload_offset
     };
     st.set_len(end).ctx(|| "sizing the new image".into())?;
-    st.write_zeroes(LOG_OFFSET, lay.log_size).ctx(|| "clearing the log".into())?;
+    st.write_zeroes(LOG_OFFSET, lay.log_size)
+        .ctx(|| "clearing the log".into())?;
 
     // Headers last: the file is not a valid VHDX until they are there.
     let mut h = Header {
@@ -243,7 +287,16 @@ pub fn create_in(st: &dyn Storage, p: &CreateParams) -> Result<()> {
     let geo = Geometry::new(p.block_size, p.logical_sector_size, size, false);
     let lay = layout(&geo, p.log_size as u64);
     let id = p.disk_id.unwrap_or_else(Guid::new_random);
-    write_image(st, &geo, &lay, p.kind, p.logical_sector_size, p.physical_sector_size, id, None)?;
+    write_image(
+        st,
+        &geo,
+        &lay,
+        p.kind,
+        p.logical_sector_size,
+        p.physical_sector_size,
+        id,
+        None,
+    )?;
     if p.kind == VhdxKind::Fixed {
         st.allocate(lay.payload_offset, geo.payload_blocks() * geo.block_size);
     }
@@ -273,7 +326,13 @@ fn relative_locator(from: &Path, target: &Path) -> String {
 /// the parent's virtual-disk metadata (size, sector sizes, disk ID) as the spec requires for a
 /// fork. `block_size` defaults to 2 MiB, Hyper-V's choice for differencing disks.
 pub fn create_differencing(path: &Path, parent: &Path, block_size: Option<u32>) -> Result<()> {
-    let par = Vhdx::open(parent, OpenOptions { read_only: true, ..Default::default() })?;
+    let par = Vhdx::open(
+        parent,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )?;
     let bs = block_size.unwrap_or(2 << 20);
     let p = CreateParams {
         virtual_size: par.size(),
@@ -298,7 +357,10 @@ pub fn create_differencing(path: &Path, parent: &Path, block_size: Option<u32>) 
         let pl = ParentLocator {
             entries: vec![
                 ("parent_linkage".into(), linkage.braced()),
-                ("relative_path".into(), relative_locator(&child_dir, &parent_abs)),
+                (
+                    "relative_path".into(),
+                    relative_locator(&child_dir, &parent_abs),
+                ),
             ],
         };
         let geo = Geometry::new(bs, p.logical_sector_size, size, true);
@@ -322,20 +384,46 @@ mod tests {
 
     #[test]
     fn relative_locator_paths() {
-        assert_eq!(relative_locator(Path::new("/a/b"), Path::new("/a/b/p.vhdx")), ".\\p.vhdx");
-        assert_eq!(relative_locator(Path::new("/a/b/c"), Path::new("/a/x/p.vhdx")), "..\\..\\x\\p.vhdx");
-        assert_eq!(relative_locator(Path::new("/a"), Path::new("/a/x/p.vhdx")), ".\\x\\p.vhdx");
+        assert_eq!(
+            relative_locator(Path::new("/a/b"), Path::new("/a/b/p.vhdx")),
+            ".\\p.vhdx"
+        );
+        assert_eq!(
+            relative_locator(Path::new("/a/b/c"), Path::new("/a/x/p.vhdx")),
+            "..\\..\\x\\p.vhdx"
+        );
+        assert_eq!(
+            relative_locator(Path::new("/a"), Path::new("/a/x/p.vhdx")),
+            ".\\x\\p.vhdx"
+        );
     }
 
     #[test]
     fn creation_parameters_are_validated() {
-        let p = CreateParams { virtual_size: 1 << 20, block_size: 3 << 20, ..Default::default() };
+        let p = CreateParams {
+            virtual_size: 1 << 20,
+            block_size: 3 << 20,
+            ..Default::default()
+        };
         assert!(validate(&p).unwrap_err().to_string().contains("block size"));
-        let p = CreateParams { virtual_size: 1 << 20, logical_sector_size: 1024, ..Default::default() };
-        assert!(validate(&p).unwrap_err().to_string().contains("logical sector"));
-        let p = CreateParams { virtual_size: 0, ..Default::default() };
+        let p = CreateParams {
+            virtual_size: 1 << 20,
+            logical_sector_size: 1024,
+            ..Default::default()
+        };
+        assert!(validate(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("logical sector"));
+        let p = CreateParams {
+            virtual_size: 0,
+            ..Default::default()
+        };
         assert!(validate(&p).is_err());
-        let p = CreateParams { virtual_size: 1000, ..Default::default() };
+        let p = CreateParams {
+            virtual_size: 1000,
+            ..Default::default()
+        };
         assert_eq!(validate(&p).unwrap(), 1024);
     }
 }

@@ -311,14 +311,18 @@ pub fn read_headers(st: &dyn Storage, file_len: u64) -> Result<(Header, usize)> 
         )));
     }
     let mut sig = [0u8; 8];
-    st.read_at(0, &mut sig).ctx(|| "reading the VHDX file identifier".into())?;
+    st.read_at(0, &mut sig)
+        .ctx(|| "reading the VHDX file identifier".into())?;
     if &sig != FILE_ID_SIGNATURE {
-        return Err(Error::corrupt("file identifier signature is not \"vhdxfile\""));
+        return Err(Error::corrupt(
+            "file identifier signature is not \"vhdxfile\"",
+        ));
     }
     let mut headers = [None, None];
     for (i, off) in HEADER_OFFSETS.iter().enumerate() {
         let mut buf = vec![0u8; SECTOR_4K as usize];
-        st.read_at(*off, &mut buf).ctx(|| format!("reading VHDX header {}", i + 1))?;
+        st.read_at(*off, &mut buf)
+            .ctx(|| format!("reading VHDX header {}", i + 1))?;
         headers[i] = Header::parse(&buf);
     }
     let (h, slot) = match (headers[0], headers[1]) {
@@ -343,14 +347,22 @@ pub fn read_headers(st: &dyn Storage, file_len: u64) -> Result<(Header, usize)> 
         }
     };
     if h.version != 1 {
-        return Err(Error::unsupported(format!("header version {} (only 1 is defined)", h.version)));
+        return Err(Error::unsupported(format!(
+            "header version {} (only 1 is defined)",
+            h.version
+        )));
     }
     if !h.log_guid.is_zero() && h.log_version != 0 {
-        return Err(Error::unsupported(format!("log version {} (only 0 is defined)", h.log_version)));
+        return Err(Error::unsupported(format!(
+            "log version {} (only 0 is defined)",
+            h.log_version
+        )));
     }
     let ll = h.log_length as u64;
     if ll % MIB != 0 || h.log_offset % MIB != 0 {
-        return Err(Error::corrupt("log offset or length is not a multiple of 1 MiB"));
+        return Err(Error::corrupt(
+            "log offset or length is not a multiple of 1 MiB",
+        ));
     }
     if ll > 0 {
         if h.log_offset < HEADER_SECTION_SIZE {
@@ -363,7 +375,9 @@ pub fn read_headers(st: &dyn Storage, file_len: u64) -> Result<(Header, usize)> 
             )));
         }
     } else if !h.log_guid.is_zero() {
-        return Err(Error::corrupt("log GUID is set but the log has zero length"));
+        return Err(Error::corrupt(
+            "log GUID is set but the log has zero length",
+        ));
     }
     Ok((h, slot))
 }
@@ -411,7 +425,10 @@ impl RegionTable {
             }
             regions.push(r);
         }
-        Ok(RegionTable { raw: buf.to_vec(), regions })
+        Ok(RegionTable {
+            raw: buf.to_vec(),
+            regions,
+        })
     }
 
     /// Serializes `regions` into a 64 KiB table with checksum.
@@ -447,7 +464,8 @@ pub fn read_region_table(st: &dyn Storage) -> Result<RegionTable> {
     let mut errs = Vec::new();
     for (i, off) in REGION_TABLE_OFFSETS.iter().enumerate() {
         let mut buf = vec![0u8; REGION_TABLE_SIZE];
-        st.read_at(*off, &mut buf).ctx(|| format!("reading region table {}", i + 1))?;
+        st.read_at(*off, &mut buf)
+            .ctx(|| format!("reading region table {}", i + 1))?;
         match RegionTable::parse(&buf) {
             Ok(t) => return Ok(t),
             Err(e) => errs.push(e),
@@ -482,7 +500,10 @@ pub struct ParentLocator {
 
 impl ParentLocator {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn set(&mut self, key: &str, value: String) {
@@ -507,7 +528,9 @@ impl ParentLocator {
         let n = h.key_value_count.get() as usize;
         let table_end = 20 + n * 12;
         if table_end > item.len() {
-            return Err(Error::corrupt("parent locator entry table runs past the item"));
+            return Err(Error::corrupt(
+                "parent locator entry table runs past the item",
+            ));
         }
         let mut entries: Vec<(String, String)> = Vec::with_capacity(n);
         let get_str = |off: u32, len: u16, what: &str| -> Result<String> {
@@ -529,7 +552,9 @@ impl ParentLocator {
             let k = get_str(e.key_offset.get(), e.key_length.get(), "key")?;
             let v = get_str(e.value_offset.get(), e.value_length.get(), "value")?;
             if entries.iter().any(|(ek, _)| *ek == k) {
-                return Err(Error::corrupt(format!("parent locator key {k:?} appears twice")));
+                return Err(Error::corrupt(format!(
+                    "parent locator key {k:?} appears twice"
+                )));
             }
             entries.push((k, v));
         }
@@ -583,7 +608,10 @@ pub struct Metadata {
 
 impl Metadata {
     pub fn entry(&self, id: Guid) -> Option<MetaEntry> {
-        self.entries.iter().copied().find(|e| e.id == id && !e.is_user())
+        self.entries
+            .iter()
+            .copied()
+            .find(|e| e.id == id && !e.is_user())
     }
 }
 
@@ -622,17 +650,24 @@ const KNOWN_ITEMS: [(Guid, &str, usize); 6] = [
 /// Reads and validates the metadata region (table and known items).
 pub fn read_metadata(st: &dyn Storage, region: Region) -> Result<Metadata> {
     if region.length < METADATA_TABLE_SIZE as u64 {
-        return Err(Error::corrupt("metadata region is smaller than its 64 KiB table"));
+        return Err(Error::corrupt(
+            "metadata region is smaller than its 64 KiB table",
+        ));
     }
     let mut table = vec![0u8; METADATA_TABLE_SIZE];
-    st.read_at(region.offset, &mut table).ctx(|| "reading the metadata table".into())?;
+    st.read_at(region.offset, &mut table)
+        .ctx(|| "reading the metadata table".into())?;
     let h: MetadataTableHeader = read_struct(&table);
     if &h.signature != SIG_METADATA {
-        return Err(Error::corrupt("metadata table signature is not \"metadata\""));
+        return Err(Error::corrupt(
+            "metadata table signature is not \"metadata\"",
+        ));
     }
     let n = h.entry_count.get() as usize;
     if n > 2047 {
-        return Err(Error::corrupt(format!("metadata table has {n} entries (at most 2047)")));
+        return Err(Error::corrupt(format!(
+            "metadata table has {n} entries (at most 2047)"
+        )));
     }
     let mut entries: Vec<MetaEntry> = Vec::with_capacity(n);
     for i in 0..n {
@@ -680,14 +715,23 @@ pub fn read_metadata(st: &dyn Storage, region: Region) -> Result<Metadata> {
                 }
             }
         }
-        if entries.iter().any(|o| o.id == e.id && o.is_user() == e.is_user()) {
-            return Err(Error::corrupt(format!("metadata item {} appears twice", e.id)));
+        if entries
+            .iter()
+            .any(|o| o.id == e.id && o.is_user() == e.is_user())
+        {
+            return Err(Error::corrupt(format!(
+                "metadata item {} appears twice",
+                e.id
+            )));
         }
         if !e.is_user()
             && e.flags & META_FLAG_IS_REQUIRED != 0
             && !KNOWN_ITEMS.iter().any(|k| k.0 == e.id)
         {
-            return Err(Error::unsupported(format!("unknown required metadata item {}", e.id)));
+            return Err(Error::unsupported(format!(
+                "unknown required metadata item {}",
+                e.id
+            )));
         }
         entries.push(e);
     }
@@ -729,12 +773,16 @@ pub fn read_metadata(st: &dyn Storage, region: Region) -> Result<Metadata> {
     let b = need(META_LOGICAL_SECTOR_SIZE, "logical sector size", 4)?;
     let lss = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     if lss != 512 && lss != 4096 {
-        return Err(Error::corrupt(format!("logical sector size {lss} (must be 512 or 4096)")));
+        return Err(Error::corrupt(format!(
+            "logical sector size {lss} (must be 512 or 4096)"
+        )));
     }
     let b = need(META_PHYSICAL_SECTOR_SIZE, "physical sector size", 4)?;
     let pss = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     if pss != 512 && pss != 4096 {
-        return Err(Error::corrupt(format!("physical sector size {pss} (must be 512 or 4096)")));
+        return Err(Error::corrupt(format!(
+            "physical sector size {pss} (must be 512 or 4096)"
+        )));
     }
     let b = need(META_VIRTUAL_DISK_SIZE, "virtual disk size", 8)?;
     let virtual_size = u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8]));
@@ -752,7 +800,9 @@ pub fn read_metadata(st: &dyn Storage, region: Region) -> Result<Metadata> {
         if pl.get("parent_linkage").is_none() {
             return Err(Error::corrupt("parent locator has no parent_linkage entry"));
         }
-        if ["relative_path", "volume_path", "absolute_win32_path"].iter().all(|k| pl.get(k).is_none())
+        if ["relative_path", "volume_path", "absolute_win32_path"]
+            .iter()
+            .all(|k| pl.get(k).is_none())
         {
             return Err(Error::corrupt("parent locator names no path to the parent"));
         }
@@ -838,8 +888,12 @@ pub fn read_bat(st: &dyn Storage, region: Region, geo: &Geometry) -> Result<Vec<
         )));
     }
     let mut raw = vec![0u8; (n * 8) as usize];
-    st.read_at(region.offset, &mut raw).ctx(|| "reading the BAT".into())?;
-    Ok(raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
+    st.read_at(region.offset, &mut raw)
+        .ctx(|| "reading the BAT".into())?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect())
 }
 
 /// Validates BAT entries against the file: states legal for the disk type, blocks inside the
@@ -858,7 +912,9 @@ pub fn validate_bat(
         let is_bitmap = (i + 1) % (ratio + 1) == 0;
         let state = bat_state(e);
         if e & BAT_RESERVED_MASK != 0 {
-            return Err(Error::corrupt(format!("BAT entry {i} has reserved bits set ({e:#x})")));
+            return Err(Error::corrupt(format!(
+                "BAT entry {i} has reserved bits set ({e:#x})"
+            )));
         }
         let len = if is_bitmap {
             match state {
@@ -893,7 +949,9 @@ pub fn validate_bat(
                 }
             }
             if block >= payload_blocks {
-                return Err(Error::corrupt(format!("BAT entry {i} is for a block past the disk end")));
+                return Err(Error::corrupt(format!(
+                    "BAT entry {i} is for a block past the disk end"
+                )));
             }
             geo.block_size
         };
@@ -951,7 +1009,10 @@ pub fn validate_layout(
         } else if r.guid == REGION_METADATA {
             "metadata region".to_string()
         } else if r.required {
-            return Err(Error::unsupported(format!("unknown required region {}", r.guid)));
+            return Err(Error::unsupported(format!(
+                "unknown required region {}",
+                r.guid
+            )));
         } else {
             format!("region {}", r.guid)
         };
@@ -979,7 +1040,10 @@ pub fn validate_layout(
         for j in i + 1..areas.len() {
             let (a, b) = (&areas[i], &areas[j]);
             if a.0 < b.0 + b.1 && b.0 < a.0 + a.1 {
-                return Err(Error::corrupt(format!("the {} and the {} overlap", a.2, b.2)));
+                return Err(Error::corrupt(format!(
+                    "the {} and the {} overlap",
+                    a.2, b.2
+                )));
             }
         }
     }

@@ -180,7 +180,10 @@ impl LogReader<'_> {
                     if zl % SECTOR_4K != 0 || d.word.get() != 0 {
                         return Ok(None);
                     }
-                    ops.push(LogOp::Zero { offset: d.file_offset.get(), len: zl });
+                    ops.push(LogOp::Zero {
+                        offset: d.file_offset.get(),
+                        len: zl,
+                    });
                 }
                 SIG_DESC => {
                     if (data_sector + 1) * SECTOR_4K > len {
@@ -198,7 +201,10 @@ impl LogReader<'_> {
                     data[..8].copy_from_slice(&d.value.get().to_le_bytes());
                     data[8..4092].copy_from_slice(&s[8..4092]);
                     data[4092..].copy_from_slice(&d.word.get().to_le_bytes());
-                    ops.push(LogOp::Data { offset: d.file_offset.get(), data });
+                    ops.push(LogOp::Data {
+                        offset: d.file_offset.get(),
+                        data,
+                    });
                 }
                 _ => return Ok(None),
             }
@@ -226,7 +232,13 @@ pub fn find_active_sequence(
     if log_len == 0 || guid.is_zero() {
         return Ok(None);
     }
-    let mut r = LogReader { st, offset: log_offset, len: log_len, guid, cache: HashMap::new() };
+    let mut r = LogReader {
+        st,
+        offset: log_offset,
+        len: log_len,
+        guid,
+        cache: HashMap::new(),
+    };
     let mut candidate: Option<Vec<LogEntry>> = None;
     let mut cur_tail = 0u64;
     let mut old_tail;
@@ -236,7 +248,11 @@ pub fn find_active_sequence(
         let mut total = 0u64;
         while total < log_len {
             match r.entry_at(head)? {
-                Some(e) if seq.last().is_none_or(|l| Some(e.seq) == l.seq.checked_add(1)) => {
+                Some(e)
+                    if seq
+                        .last()
+                        .is_none_or(|l| Some(e.seq) == l.seq.checked_add(1)) =>
+                {
                     if total + e.len > log_len {
                         break;
                     }
@@ -247,9 +263,15 @@ pub fn find_active_sequence(
                 _ => break,
             }
         }
-        let start = seq.last().and_then(|h| seq.iter().position(|e| e.pos == h.tail));
+        let start = seq
+            .last()
+            .and_then(|h| seq.iter().position(|e| e.pos == h.tail));
         if let (Some(start), Some(h)) = (start, seq.last()) {
-            if candidate.as_ref().and_then(|c| c.last()).is_none_or(|c| h.seq > c.seq) {
+            if candidate
+                .as_ref()
+                .and_then(|c| c.last())
+                .is_none_or(|c| h.seq > c.seq)
+            {
                 candidate = Some(seq[start..].to_vec());
             }
         }
@@ -292,7 +314,9 @@ fn check_targets(seq: &[LogEntry], log_offset: u64, log_len: u64) -> Result<()> 
 /// can proceed without replaying).
 pub fn sequence_is_applied(st: &dyn Storage, seq: &[LogEntry]) -> Result<bool> {
     let file_len = st.len().ctx(|| "getting the file size".into())?;
-    let Some(head) = seq.last() else { return Ok(true) };
+    let Some(head) = seq.last() else {
+        return Ok(true);
+    };
     if file_len < head.last_file_offset {
         return Ok(false);
     }
@@ -321,7 +345,8 @@ pub fn sequence_is_applied(st: &dyn Storage, seq: &[LogEntry]) -> Result<bool> {
         if off + SECTOR_4K > file_len {
             return Ok(false);
         }
-        st.read_at(off, &mut buf).ctx(|| "reading the file to compare with the log".into())?;
+        st.read_at(off, &mut buf)
+            .ctx(|| "reading the file to compare with the log".into())?;
         match want {
             Some(d) if d != buf.as_slice() => return Ok(false),
             None if buf.iter().any(|&b| b != 0) => return Ok(false),
@@ -364,7 +389,8 @@ pub fn replay(st: &dyn Storage, header: &Header) -> Result<bool> {
                             .ctx(|| format!("replaying a zero descriptor at {offset}"))?;
                     }
                     if offset + len > cur {
-                        st.set_len(offset + len).ctx(|| "extending the file during replay".into())?;
+                        st.set_len(offset + len)
+                            .ctx(|| "extending the file during replay".into())?;
                     }
                 }
             }
@@ -372,7 +398,8 @@ pub fn replay(st: &dyn Storage, header: &Header) -> Result<bool> {
     }
     let cur = st.len().ctx(|| "getting the file size".into())?;
     if cur < head.last_file_offset {
-        st.set_len(head.last_file_offset).ctx(|| "extending the file after replay".into())?;
+        st.set_len(head.last_file_offset)
+            .ctx(|| "extending the file after replay".into())?;
     }
     st.flush().ctx(|| "flushing the replayed log".into())?;
     Ok(true)
@@ -384,11 +411,20 @@ mod tests {
     use crate::storage::MemStorage;
 
     fn params(guid: Guid, seq: u64, tail: u32) -> EntryParams {
-        EntryParams { guid, seq, tail, flushed_file_offset: 4 * MIB, last_file_offset: 4 * MIB }
+        EntryParams {
+            guid,
+            seq,
+            tail,
+            flushed_file_offset: 4 * MIB,
+            last_file_offset: 4 * MIB,
+        }
     }
 
     fn setup() -> (MemStorage, Guid) {
-        (MemStorage::new(vec![0u8; 4 * MIB as usize], 64 * MIB), Guid::new_random())
+        (
+            MemStorage::new(vec![0u8; 4 * MIB as usize], 64 * MIB),
+            Guid::new_random(),
+        )
     }
 
     #[test]
@@ -398,7 +434,10 @@ mod tests {
         for (i, b) in sector.iter_mut().enumerate() {
             *b = (i * 7 + 3) as u8;
         }
-        let e = build_entry(&params(g, 5, 0), &[(3 * MIB, &sector), (3 * MIB + 8192, &sector)]);
+        let e = build_entry(
+            &params(g, 5, 0),
+            &[(3 * MIB, &sector), (3 * MIB + 8192, &sector)],
+        );
         st.write_at(MIB, &e).unwrap();
         let seq = find_active_sequence(&st, MIB, MIB, g).unwrap().unwrap();
         assert_eq!(seq.len(), 1);
@@ -466,12 +505,14 @@ mod tests {
             log_length: MIB as u32,
             log_offset: MIB,
         };
-        st.write_at(MIB, &build_entry(&params(g, 1, 0), &[(64 * KIB, &s)])).unwrap();
+        st.write_at(MIB, &build_entry(&params(g, 1, 0), &[(64 * KIB, &s)]))
+            .unwrap();
         let err = replay(&st, &h).unwrap_err().to_string();
         assert!(err.contains("overwrite"), "{err}");
         let mut p = params(g, 2, 0);
         p.flushed_file_offset = 100 * MIB;
-        st.write_at(MIB, &build_entry(&p, &[(3 * MIB, &s)])).unwrap();
+        st.write_at(MIB, &build_entry(&p, &[(3 * MIB, &s)]))
+            .unwrap();
         let err = replay(&st, &h).unwrap_err().to_string();
         assert!(err.contains("truncated"), "{err}");
     }

@@ -118,7 +118,8 @@ impl Tx {
                 Some(d) => d.clone(),
                 None => {
                     let mut d = vec![0u8; SECTOR_4K as usize];
-                    st.read_at(sec, &mut d).ctx(|| format!("reading metadata sector at {sec}"))?;
+                    st.read_at(sec, &mut d)
+                        .ctx(|| format!("reading metadata sector at {sec}"))?;
                     d
                 }
             };
@@ -173,7 +174,8 @@ pub fn has_vhdx_signature(st: &dyn Storage) -> Result<bool> {
         return Ok(false);
     }
     let mut sig = [0u8; 8];
-    st.read_at(0, &mut sig).ctx(|| "reading the file signature".into())?;
+    st.read_at(0, &mut sig)
+        .ctx(|| "reading the file signature".into())?;
     Ok(&sig == FILE_ID_SIGNATURE)
 }
 
@@ -265,7 +267,9 @@ impl Vhdx {
         let bat = read_bat(&*st, bat_region, &geo)?;
         validate_bat(&bat, &geo, file_len, &areas)?;
         if !opts.read_only && header.log_length == 0 {
-            return Err(Error::unsupported("image has no log region, so it cannot be written"));
+            return Err(Error::unsupported(
+                "image has no log region, so it cannot be written",
+            ));
         }
 
         let mut file_end = file_len.div_ceil(MIB) * MIB;
@@ -275,7 +279,11 @@ impl Vhdx {
         for (i, &e) in bat.iter().enumerate() {
             let st_ = bat_state(e);
             let is_bitmap = (i as u64 + 1) % (geo.chunk_ratio + 1) == 0;
-            let len = if is_bitmap { BITMAP_BLOCK_SIZE } else { geo.block_size };
+            let len = if is_bitmap {
+                BITMAP_BLOCK_SIZE
+            } else {
+                geo.block_size
+            };
             if (is_bitmap && st_ == SB_BLOCK_PRESENT)
                 || (!is_bitmap
                     && (st_ == PAYLOAD_BLOCK_FULLY_PRESENT
@@ -291,7 +299,9 @@ impl Vhdx {
                 ParentMode::Zeros => (None, None),
                 ParentMode::Provided(p) => (Some(p.clone()), None),
                 ParentMode::Resolve => {
-                    let child = path.map(Path::to_path_buf).unwrap_or_else(|| "<memory>".into());
+                    let child = path
+                        .map(Path::to_path_buf)
+                        .unwrap_or_else(|| "<memory>".into());
                     if depth >= MAX_CHAIN_DEPTH {
                         return Err(Error::corrupt(format!(
                             "differencing chain is deeper than {MAX_CHAIN_DEPTH} (cyclic?)"
@@ -383,7 +393,11 @@ impl Vhdx {
 
     /// The parent locator entries (key, value), for a differencing disk.
     pub fn parent_locator(&self) -> Option<Vec<(String, String)>> {
-        lock(&self.meta).metadata.parent_locator.as_ref().map(|p| p.entries.clone())
+        lock(&self.meta)
+            .metadata
+            .parent_locator
+            .as_ref()
+            .map(|p| p.entries.clone())
     }
 
     /// Bytes of payload blocks allocated in the file (fully or partially present).
@@ -418,8 +432,9 @@ impl Vhdx {
         let (geo, states) = {
             let s = rlock(&self.state);
             let geo = s.geo;
-            let v: Vec<u64> =
-                (0..geo.payload_blocks()).map(|b| s.bat[geo.payload_index(b)]).collect();
+            let v: Vec<u64> = (0..geo.payload_blocks())
+                .map(|b| s.bat[geo.payload_index(b)])
+                .collect();
             (geo, v)
         };
         let mut out: Vec<(u64, u64, bool)> = Vec::new();
@@ -443,7 +458,11 @@ impl Vhdx {
                     let first = start / geo.logical_sector_size;
                     for (s, n, present) in self.bitmap_runs(first, sectors)? {
                         if present {
-                            push(s * geo.logical_sector_size, n * geo.logical_sector_size, false);
+                            push(
+                                s * geo.logical_sector_size,
+                                n * geo.logical_sector_size,
+                                false,
+                            );
                         }
                     }
                 }
@@ -456,7 +475,9 @@ impl Vhdx {
 
     fn check_failed(&self) -> Result<()> {
         if self.failed.load(Ordering::Acquire) {
-            return Err(Error::Failed { path: self.path.clone() });
+            return Err(Error::Failed {
+                path: self.path.clone(),
+            });
         }
         Ok(())
     }
@@ -504,7 +525,11 @@ impl Vhdx {
                 self.st.flush().ctx(|| "flushing the log".into())?;
                 h.file_write_guid = Guid::new_random();
                 h.log_guid = log_guid;
-                m.session = Some(Session { log_guid, next_seq: 2, next_slot: 1 });
+                m.session = Some(Session {
+                    log_guid,
+                    next_seq: 2,
+                    next_slot: 1,
+                });
             }
             if user_visible && !m.data_guid_updated {
                 h.data_write_guid = m.forced_data_guid.unwrap_or_else(Guid::new_random);
@@ -532,10 +557,15 @@ impl Vhdx {
             let slot_len = log_len / 2;
             let cap = log::max_data_sectors(slot_len).max(1);
             let flushed = st_len(&*self.st)? / MIB * MIB;
-            let session = m.session.as_mut().ok_or_else(|| Error::corrupt("no session"))?;
+            let session = m
+                .session
+                .as_mut()
+                .ok_or_else(|| Error::corrupt("no session"))?;
             for batch in tx.order.chunks(cap) {
-                let writes: Vec<(u64, &[u8])> =
-                    batch.iter().map(|o| (*o, tx.sectors[o].as_slice())).collect();
+                let writes: Vec<(u64, &[u8])> = batch
+                    .iter()
+                    .map(|o| (*o, tx.sectors[o].as_slice()))
+                    .collect();
                 let pos = session.next_slot * slot_len;
                 let entry = log::build_entry(
                     &log::EntryParams {
@@ -579,7 +609,9 @@ impl Vhdx {
     fn allocate(&self, m: &mut Meta, len: u64) -> Result<u64> {
         let off = m.file_end;
         self.guarded(|| {
-            self.st.set_len(off + len).ctx(|| "extending the image file".into())?;
+            self.st
+                .set_len(off + len)
+                .ctx(|| "extending the image file".into())?;
             Ok(())
         })?;
         m.file_end = off + len;
@@ -887,7 +919,12 @@ impl Vhdx {
                 off as u32
             }
         };
-        let entry = MetaEntry { id, offset, length: data.len() as u32, flags };
+        let entry = MetaEntry {
+            id,
+            offset,
+            length: data.len() as u32,
+            flags,
+        };
         match existing {
             Some(i) => entries[i] = entry,
             None => entries.push(entry),
@@ -955,8 +992,8 @@ impl Vhdx {
             for b in geo.payload_blocks()..old_geo.payload_blocks() {
                 bat[old_geo.payload_index(b)] = 0;
             }
-            for i in new_total..old_bat.len() {
-                bat[i] = 0;
+            if new_total < bat.len() {
+                bat[new_total..].fill(0);
             }
             let per = (SECTOR_4K / 8) as usize;
             for i in (new_total / per * per..old_bat.len()).step_by(per) {
@@ -1001,7 +1038,9 @@ impl Vhdx {
                     raw[i * 8..i * 8 + 8].copy_from_slice(&e.to_le_bytes());
                 }
                 self.guarded(|| {
-                    self.st.write_at(off, &raw).ctx(|| "writing the relocated BAT".into())
+                    self.st
+                        .write_at(off, &raw)
+                        .ctx(|| "writing the relocated BAT".into())
                 })?;
                 let mut regions = m.regions.regions.clone();
                 for r in regions.iter_mut() {
@@ -1014,8 +1053,16 @@ impl Vhdx {
                 for rt in REGION_TABLE_OFFSETS {
                     tx.patch(&*self.st, rt, &table)?;
                 }
-                m.regions = RegionTable { raw: table, regions };
-                m.bat_region = Region { guid: REGION_BAT, offset: off, length: len, required: true };
+                m.regions = RegionTable {
+                    raw: table,
+                    regions,
+                };
+                m.bat_region = Region {
+                    guid: REGION_BAT,
+                    offset: off,
+                    length: len,
+                    required: true,
+                };
             } else {
                 let per = (SECTOR_4K / 8) as usize;
                 let first = old_bat.len() / per * per;
@@ -1034,7 +1081,13 @@ impl Vhdx {
         }
         self.guarded(|| self.st.flush().ctx(|| "flushing before the resize".into()))?;
         let flags = META_FLAG_IS_VIRTUAL_DISK | META_FLAG_IS_REQUIRED;
-        self.tx_metadata_item(&mut m, &mut tx, META_VIRTUAL_DISK_SIZE, flags, &new_size.to_le_bytes())?;
+        self.tx_metadata_item(
+            &mut m,
+            &mut tx,
+            META_VIRTUAL_DISK_SIZE,
+            flags,
+            &new_size.to_le_bytes(),
+        )?;
         self.commit(&mut m, tx)?;
         m.metadata.virtual_size = new_size;
         let mut s = wlock(&self.state);
@@ -1052,7 +1105,13 @@ impl Vhdx {
         let mut m = lock(&self.meta);
         self.begin_session(&mut m, false)?;
         let mut tx = Tx::default();
-        self.tx_metadata_item(&mut m, &mut tx, META_PARENT_LOCATOR, META_FLAG_IS_REQUIRED, &pl.build())?;
+        self.tx_metadata_item(
+            &mut m,
+            &mut tx,
+            META_PARENT_LOCATOR,
+            META_FLAG_IS_REQUIRED,
+            &pl.build(),
+        )?;
         self.commit(&mut m, tx)?;
         m.metadata.parent_locator = Some(pl);
         Ok(())
@@ -1150,19 +1209,24 @@ fn open_parent(child: &Path, pl: &ParentLocator, depth: u32) -> Result<(PathBuf,
     let base = child.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut tried = Vec::new();
     let mut candidates = Vec::new();
-    if let Some(p) = pl.get("relative_path").and_then(|v| locator_path(&base, v, false)) {
+    if let Some(p) = pl
+        .get("relative_path")
+        .and_then(|v| locator_path(&base, v, false))
+    {
         candidates.push(p);
     }
-    if let Some(p) = pl.get("absolute_win32_path").and_then(|v| locator_path(&base, v, true)) {
+    if let Some(p) = pl
+        .get("absolute_win32_path")
+        .and_then(|v| locator_path(&base, v, true))
+    {
         candidates.push(p);
     }
     let linkages: Vec<Guid> = ["parent_linkage", "parent_linkage2"]
         .iter()
         .filter_map(|k| pl.get(k))
         .map(|v| {
-            v.parse::<Guid>().map_err(|_| {
-                Error::corrupt(format!("parent locator linkage {v:?} is not a GUID"))
-            })
+            v.parse::<Guid>()
+                .map_err(|_| Error::corrupt(format!("parent locator linkage {v:?} is not a GUID")))
         })
         .collect::<Result<_>>()?;
     for c in candidates {
@@ -1170,20 +1234,30 @@ fn open_parent(child: &Path, pl: &ParentLocator, depth: u32) -> Result<(PathBuf,
             tried.push(c);
             continue;
         }
-        let opts = OpenOptions { read_only: true, ..Default::default() };
+        let opts = OpenOptions {
+            read_only: true,
+            ..Default::default()
+        };
         let parent = Vhdx::open_at_depth(&c, opts, depth + 1)?;
         let found = parent.header_info().data_write_guid;
         if !linkages.contains(&found) {
             return Err(Error::ParentMismatch {
                 child: child.to_path_buf(),
                 parent: c,
-                expected: linkages.iter().map(|g| g.braced()).collect::<Vec<_>>().join(" or "),
+                expected: linkages
+                    .iter()
+                    .map(|g| g.braced())
+                    .collect::<Vec<_>>()
+                    .join(" or "),
                 found: found.braced(),
             });
         }
         return Ok((c, parent));
     }
-    Err(Error::MissingParent { child: child.to_path_buf(), tried })
+    Err(Error::MissingParent {
+        child: child.to_path_buf(),
+        tried,
+    })
 }
 
 impl BlockBackend for Vhdx {
@@ -1248,7 +1322,11 @@ impl BlockBackend for Vhdx {
         let bs = geo.block_size;
         let first = offset.div_ceil(bs);
         let end = offset + len;
-        let last = if end == geo.virtual_size { geo.payload_blocks() } else { end / bs };
+        let last = if end == geo.virtual_size {
+            geo.payload_blocks()
+        } else {
+            end / bs
+        };
         if first >= last {
             return Ok(());
         }

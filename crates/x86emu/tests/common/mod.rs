@@ -47,8 +47,6 @@ pub struct MockCpu {
     pub readonly: BTreeSet<u64>,
     /// Pages that behave like MMIO (the backend cannot do the access).
     pub mmio: BTreeSet<u64>,
-    /// Linear addresses the emulator asked for FS/GS (or other) segment bases.
-    pub segment_queries: std::cell::Cell<u32>,
 }
 
 impl MockCpu {
@@ -75,7 +73,6 @@ impl MockCpu {
             pages: BTreeMap::new(),
             readonly: BTreeSet::new(),
             mmio: BTreeSet::new(),
-            segment_queries: std::cell::Cell::new(0),
         }
     }
 
@@ -90,7 +87,9 @@ impl MockCpu {
         let first = addr / PAGE;
         let last = (addr + len.max(1) - 1) / PAGE;
         for p in first..=last {
-            self.pages.entry(p).or_insert_with(|| vec![0; PAGE as usize]);
+            self.pages
+                .entry(p)
+                .or_insert_with(|| vec![0; PAGE as usize]);
         }
     }
 
@@ -205,7 +204,6 @@ impl Cpu for MockCpu {
         self.efer
     }
     fn segment_base(&self, seg: Register) -> u64 {
-        self.segment_queries.set(self.segment_queries.get() + 1);
         let i = match seg {
             Register::ES => 0,
             Register::CS => 1,
