@@ -61,7 +61,11 @@ pub struct AcpiPm {
 }
 
 impl AcpiPm {
-    pub fn new(time: Arc<GuestTime>, sci: Arc<dyn IrqLine>, events: Arc<dyn PlatformEvents>) -> Self {
+    pub fn new(
+        time: Arc<GuestTime>,
+        sci: Arc<dyn IrqLine>,
+        events: Arc<dyn PlatformEvents>,
+    ) -> Self {
         Self {
             state: PmState::default(),
             time,
@@ -209,7 +213,11 @@ mod tests {
     fn pm() -> (AcpiPm, Arc<Rec>) {
         let r = Arc::new(Rec::default());
         (
-            AcpiPm::new(Arc::new(GuestTime::with_epoch(1.0, 0)), r.clone(), r.clone()),
+            AcpiPm::new(
+                Arc::new(GuestTime::with_epoch(1.0, 0)),
+                r.clone(),
+                r.clone(),
+            ),
             r,
         )
     }

@@ -202,7 +202,12 @@ impl Cmos {
                 };
                 f[slot] = val;
                 // Reject impossible dates silently, as hardware would latch garbage; keep time.
-                if (1..=12).contains(&f[2]) && (1..=31).contains(&f[3]) && f[4] < 24 && f[5] < 60 && f[6] < 60 {
+                if (1..=12).contains(&f[2])
+                    && (1..=31).contains(&f[3])
+                    && f[4] < 24
+                    && f[5] < 60
+                    && f[6] < 60
+                {
                     let want = unix_of(
                         i64::from(f[0]) * 100 + i64::from(f[1]),
                         f[2],
@@ -269,7 +274,10 @@ mod tests {
         // 2026-11-21 07:31:30 UTC, a Saturday.
         let t = unix_of(2026, 11, 21, 7, 31, 30);
         let d = datetime(t);
-        assert_eq!((d.year, d.month, d.day, d.hour, d.minute, d.second), (2026, 11, 21, 7, 31, 30));
+        assert_eq!(
+            (d.year, d.month, d.day, d.hour, d.minute, d.second),
+            (2026, 11, 21, 7, 31, 30)
+        );
         assert_eq!(d.weekday, 7);
         assert_eq!(datetime(0).year, 1970);
         assert_eq!(datetime(unix_of(2000, 2, 29, 0, 0, 0)).day, 29);

@@ -81,21 +81,20 @@ impl I8042 {
         match cmd {
             0x20 => self.push_ctl(self.state.command_byte),
             0x60 | 0xd1 | 0xd2 | 0xd3 | 0xd4 => self.state.pending_cmd = Some(cmd),
-            0xa7 | 0xa8 => {} // disable/enable aux: there is none
+            0xa7 | 0xa8 => {}            // disable/enable aux: there is none
             0xa9 => self.push_ctl(0x01), // aux interface test: clock line stuck low = no aux
             0xaa => self.push_ctl(0x55), // self-test passed
             0xab => self.push_ctl(0x00), // keyboard interface test passed
             0xad => self.state.kbd_enabled = false,
             0xae => self.state.kbd_enabled = true,
-            0xc0 => self.push_ctl(0x00),         // input port
+            0xc0 => self.push_ctl(0x00),        // input port
             0xd0 => self.push_ctl(0x01 | 0x02), // output port: reset deasserted, A20 on
             0xfe => self.events.request(PowerEvent::Reset),
-            c if c & 0xf0 == 0xf0 => {
+            c if c & 0xf0 == 0xf0
                 // Pulse output lines: bit 0 clear pulses the reset line.
-                if c & 0x01 == 0 {
+                && c & 0x01 == 0 => {
                     self.events.request(PowerEvent::Reset);
                 }
-            }
             _ => {}
         }
     }
@@ -103,11 +102,10 @@ impl I8042 {
     fn controller_data(&mut self, cmd: u8, v: u8) {
         match cmd {
             0x60 => self.state.command_byte = v,
-            0xd1 => {
-                if v & 0x01 == 0 {
+            0xd1
+                if v & 0x01 == 0 => {
                     self.events.request(PowerEvent::Reset);
                 }
-            }
             0xd2 => self.push_kbd(&[v]),
             // Aux loopback and aux writes: no aux port, nothing answers.
             _ => {}

@@ -75,7 +75,11 @@ pub struct Overlap {
 
 impl std::fmt::Display for Overlap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ports {:#x}+{} overlap another device", self.base, self.len)
+        write!(
+            f,
+            "ports {:#x}+{} overlap another device",
+            self.base, self.len
+        )
     }
 }
 
@@ -116,7 +120,10 @@ impl IoBus {
     pub fn read(&self, port: u16, data: &mut [u8]) -> bool {
         match self.find(port) {
             Some((r, off)) => {
-                r.dev.lock().unwrap_or_else(|e| e.into_inner()).read(off, data);
+                r.dev
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read(off, data);
                 true
             }
             None => {
@@ -130,7 +137,10 @@ impl IoBus {
     pub fn write(&self, port: u16, data: &[u8]) -> bool {
         match self.find(port) {
             Some((r, off)) => {
-                r.dev.lock().unwrap_or_else(|e| e.into_inner()).write(off, data);
+                r.dev
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write(off, data);
                 true
             }
             None => false,

@@ -173,7 +173,8 @@ impl Pit {
             return s;
         }
         let value = c.latched.unwrap_or_else(|| c.count(now));
-        let byte = match c.access {
+        
+        match c.access {
             1 => {
                 c.latched = None;
                 value as u8
@@ -193,8 +194,7 @@ impl Pit {
                     value as u8
                 }
             }
-        };
-        byte
+        }
     }
 
     fn write_counter(&mut self, ch: usize, v: u8) {
@@ -221,7 +221,10 @@ impl Pit {
         let now = self.time.now_ns();
         let c2 = &self.state.channels[2];
         let refresh = u8::from((now / 15_000) % 2 == 1) << 4;
-        u8::from(c2.gate) | u8::from(self.state.speaker) << 1 | refresh | u8::from(c2.output(now)) << 5
+        u8::from(c2.gate)
+            | u8::from(self.state.speaker) << 1
+            | refresh
+            | u8::from(c2.output(now)) << 5
     }
 
     pub fn write_port_b(&mut self, v: u8) {
@@ -424,7 +427,11 @@ mod tests {
         p.write(2, &[0xff]);
         p.write(2, &[0xff]);
         p.write_port_b(1);
-        assert_eq!(p.read_port_b() & 0x20, 0, "mode 0 output low while counting");
+        assert_eq!(
+            p.read_port_b() & 0x20,
+            0,
+            "mode 0 output low while counting"
+        );
         p.write(3, &[0b1110_1000]); // read-back status of ch2
         let mut b = [0];
         p.read(2, &mut b);

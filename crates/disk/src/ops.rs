@@ -323,7 +323,10 @@ pub fn convert(
     progress: Progress<'_>,
 ) -> Result<()> {
     if std::fs::symlink_metadata(dst).is_ok() {
-        return Err(Error::InvalidArgument(format!("{} already exists", dst.display())));
+        return Err(Error::InvalidArgument(format!(
+            "{} already exists",
+            dst.display()
+        )));
     }
     let source = open_disk(src, true)?;
     let size = source.size();

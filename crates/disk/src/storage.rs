@@ -240,6 +240,15 @@ impl MemStorage {
     }
 }
 
+/// Grows `v` with zeros by copying from a zeroed allocation (`Vec::resize` is a per-byte loop
+/// in unoptimized builds, which the tests and fuzzer use).
+fn grow(v: &mut Vec<u8>, len: usize) {
+    if v.len() < len {
+        let n = len - v.len();
+        v.extend_from_slice(&vec![0u8; n]);
+    }
+}
+
 impl Storage for MemStorage {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let d = self.data.read().unwrap_or_else(|e| e.into_inner());
@@ -264,9 +273,7 @@ impl Storage for MemStorage {
             .filter(|&e| e <= self.max_len)
             .ok_or_else(|| io::Error::new(io::ErrorKind::StorageFull, "memory storage limit"))?;
         let mut d = self.data.write().unwrap_or_else(|e| e.into_inner());
-        if (d.len() as u64) < end {
-            d.resize(end as usize, 0);
-        }
+        grow(&mut d, end as usize);
         d[offset as usize..end as usize].copy_from_slice(buf);
         Ok(())
     }

@@ -62,8 +62,18 @@ fn set_regions(p: &Path, regions: &[Region]) {
 
 fn regions() -> Vec<Region> {
     vec![
-        Region { guid: format::REGION_BAT, offset: BAT, length: MIB, required: true },
-        Region { guid: format::REGION_METADATA, offset: META, length: MIB, required: true },
+        Region {
+            guid: format::REGION_BAT,
+            offset: BAT,
+            length: MIB,
+            required: true,
+        },
+        Region {
+            guid: format::REGION_METADATA,
+            offset: META,
+            length: MIB,
+            required: true,
+        },
     ]
 }
 
@@ -71,16 +81,29 @@ fn regions() -> Vec<Region> {
 /// `check` must report it as an error.
 fn assert_refused(p: &Path, want: &str) {
     for read_only in [true, false] {
-        let e = Vhdx::open(p, OpenOptions { read_only, ..Default::default() })
-            .err()
-            .unwrap_or_else(|| panic!("{} opened (read_only={read_only})", p.display()))
-            .to_string();
+        let e = Vhdx::open(
+            p,
+            OpenOptions {
+                read_only,
+                ..Default::default()
+            },
+        )
+        .err()
+        .unwrap_or_else(|| panic!("{} opened (read_only={read_only})", p.display()))
+        .to_string();
         assert!(e.contains(want), "expected {want:?}, got: {e}");
-        assert!(e.contains(p.to_str().unwrap()), "error does not name the file: {e}");
+        assert!(
+            e.contains(p.to_str().unwrap()),
+            "error does not name the file: {e}"
+        );
         assert!(!e.contains('\n'), "error is not one line: {e}");
     }
     let r = disk::ops::check(p).unwrap();
-    assert!(!r.is_clean(), "check found nothing wrong in {}", p.display());
+    assert!(
+        !r.is_clean(),
+        "check found nothing wrong in {}",
+        p.display()
+    );
 }
 
 #[test]
@@ -97,12 +120,22 @@ fn structural_corruptions_are_named() {
     // One bad header copy is survivable (that is what the second copy is for), and reported.
     let p = copy(&base, "hdr1.vhdx");
     patch(&p, format::HEADER_OFFSETS[0] + 100, &[0xFF]);
-    let d = Vhdx::open(&p, OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    let d = Vhdx::open(
+        &p,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut b = vec![0u8; 512];
     d.read_at(0, &mut b).unwrap();
     assert!(b.iter().all(|&x| x == 0x5A));
     let r = disk::ops::check(&p).unwrap();
-    assert!(r.is_clean() && r.warnings.iter().any(|w| w.contains("header 1")), "{r:?}");
+    assert!(
+        r.is_clean() && r.warnings.iter().any(|w| w.contains("header 1")),
+        "{r:?}"
+    );
 
     let p = copy(&base, "regi.vhdx");
     for off in format::REGION_TABLE_OFFSETS {
@@ -111,7 +144,11 @@ fn structural_corruptions_are_named() {
     assert_refused(&p, "both region tables are invalid");
 
     let p = copy(&base, "bat-eof.vhdx");
-    set_bat(&p, 5, format::bat_entry(format::PAYLOAD_BLOCK_FULLY_PRESENT, 1000 * MIB));
+    set_bat(
+        &p,
+        5,
+        format::bat_entry(format::PAYLOAD_BLOCK_FULLY_PRESENT, 1000 * MIB),
+    );
     assert_refused(&p, "BAT entry 5 points past the end of the file");
     // QEMU agrees this image is broken (so our qemu-img checks elsewhere are meaningful).
     assert!(!qemu_img(&["check", "-f", "vhdx", p.to_str().unwrap()]).0);
@@ -122,15 +159,27 @@ fn structural_corruptions_are_named() {
     assert_refused(&p, "overlapping blocks");
 
     let p = copy(&base, "bat-meta.vhdx");
-    set_bat(&p, 4, format::bat_entry(format::PAYLOAD_BLOCK_FULLY_PRESENT, META));
+    set_bat(
+        &p,
+        4,
+        format::bat_entry(format::PAYLOAD_BLOCK_FULLY_PRESENT, META),
+    );
     assert_refused(&p, "overlaps the metadata region");
 
     let p = copy(&base, "bat-hdr.vhdx");
-    set_bat(&p, 4, format::bat_entry(format::PAYLOAD_BLOCK_FULLY_PRESENT, 0));
+    set_bat(
+        &p,
+        4,
+        format::bat_entry(format::PAYLOAD_BLOCK_FULLY_PRESENT, 0),
+    );
     assert_refused(&p, "header section");
 
     let p = copy(&base, "bat-state.vhdx");
-    set_bat(&p, 6, format::bat_entry(format::PAYLOAD_BLOCK_PARTIALLY_PRESENT, 40 * MIB));
+    set_bat(
+        &p,
+        6,
+        format::bat_entry(format::PAYLOAD_BLOCK_PARTIALLY_PRESENT, 40 * MIB),
+    );
     assert_refused(&p, "invalid state 7");
 
     let p = copy(&base, "bat-reserved.vhdx");
@@ -153,11 +202,19 @@ fn structural_corruptions_are_named() {
     let mut r = regions();
     r[0].offset = 512 * MIB;
     set_regions(&p, &r);
-    assert_refused(&p, "BAT region (offset 536870912, 1048576 bytes) lies past the end of the file");
+    assert_refused(
+        &p,
+        "BAT region (offset 536870912, 1048576 bytes) lies past the end of the file",
+    );
 
     let p = copy(&base, "unknown-region.vhdx");
     let mut r = regions();
-    r.push(Region { guid: disk::Guid::new_random(), offset: 100 * MIB, length: MIB, required: true });
+    r.push(Region {
+        guid: disk::Guid::new_random(),
+        offset: 100 * MIB,
+        length: MIB,
+        required: true,
+    });
     set_regions(&p, &r);
     assert_refused(&p, "unknown required region");
 
@@ -176,7 +233,12 @@ fn truncated_files_are_refused() {
         (4 * MIB + 4096, "points past the end of the file"),
     ] {
         let p = copy(&base, &format!("t{len}.vhdx"));
-        std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
         assert_refused(&p, want);
     }
     let p = copy(&base, "empty.vhdx");
@@ -205,7 +267,11 @@ fn bad_metadata_is_refused() {
     let base = base_image(dir.path());
 
     let p = copy(&base, "bs.vhdx");
-    patch_item(&p, format::META_FILE_PARAMETERS, &(3u32 << 20).to_le_bytes());
+    patch_item(
+        &p,
+        format::META_FILE_PARAMETERS,
+        &(3u32 << 20).to_le_bytes(),
+    );
     assert_refused(&p, "block size 3145728 is not a power of two");
 
     let p = copy(&base, "lss.vhdx");
@@ -213,7 +279,11 @@ fn bad_metadata_is_refused() {
     assert_refused(&p, "logical sector size 1024");
 
     let p = copy(&base, "size.vhdx");
-    patch_item(&p, format::META_VIRTUAL_DISK_SIZE, &(1u64 << 50).to_le_bytes());
+    patch_item(
+        &p,
+        format::META_VIRTUAL_DISK_SIZE,
+        &(1u64 << 50).to_le_bytes(),
+    );
     assert_refused(&p, "over 64 TiB");
 
     // Claims a parent but has no locator.
@@ -267,8 +337,13 @@ fn hostile_logs_are_refused_and_dirty_logs_need_a_writer() {
     let e = build_entry(&params(1), &[(64 * 1024, &[0u8; 4096])]);
     patch(&p, MIB, &e);
     set_log_guid(&p);
-    let err = Vhdx::open(&p, OpenOptions::default()).unwrap_err().to_string();
-    assert!(err.contains("would overwrite the file identifier, a header or the log"), "{err}");
+    let err = Vhdx::open(&p, OpenOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("would overwrite the file identifier, a header or the log"),
+        "{err}"
+    );
 
     // A log that claims the file was larger than it is: truncated.
     let p = copy(&base, "log-trunc.vhdx");
@@ -276,21 +351,35 @@ fn hostile_logs_are_refused_and_dirty_logs_need_a_writer() {
     pp.flushed_file_offset = 900 * MIB;
     patch(&p, MIB, &build_entry(&pp, &[(BAT, &[0u8; 4096])]));
     set_log_guid(&p);
-    let err = Vhdx::open(&p, OpenOptions::default()).unwrap_err().to_string();
+    let err = Vhdx::open(&p, OpenOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("truncated"), "{err}");
 
     // A legitimate unapplied entry (it writes a BAT sector that marks block 7 present):
     // read-only opens refuse, a read-write open replays it.
     let p = copy(&base, "log-dirty.vhdx");
     let mut sector = read(&p, BAT, 4096);
-    sector[7 * 8..8 * 8]
-        .copy_from_slice(&format::bat_entry(format::PAYLOAD_BLOCK_FULLY_PRESENT, 7 * MIB).to_le_bytes());
+    sector[7 * 8..8 * 8].copy_from_slice(
+        &format::bat_entry(format::PAYLOAD_BLOCK_FULLY_PRESENT, 7 * MIB).to_le_bytes(),
+    );
     patch(&p, MIB, &build_entry(&params(1), &[(BAT, &sector)]));
     set_log_guid(&p);
-    let err = Vhdx::open(&p, OpenOptions { read_only: true, ..Default::default() }).unwrap_err();
+    let err = Vhdx::open(
+        &p,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
     assert!(matches!(err, disk::Error::LogReplayNeeded { .. }), "{err}");
     assert!(disk::ops::info(&p).is_err());
-    assert!(disk::ops::check(&p).unwrap().warnings.iter().any(|w| w.contains("not applied")));
+    assert!(disk::ops::check(&p)
+        .unwrap()
+        .warnings
+        .iter()
+        .any(|w| w.contains("not applied")));
     {
         let d = Vhdx::open(&p, OpenOptions::default()).unwrap();
         assert_eq!(d.block_states()[7].1, format::PAYLOAD_BLOCK_FULLY_PRESENT);
@@ -298,7 +387,14 @@ fn hostile_logs_are_refused_and_dirty_logs_need_a_writer() {
         assert!(std::fs::metadata(&p).unwrap().len() >= 8 * MIB);
     }
     // Replayed and closed: clean for everyone now.
-    assert!(Vhdx::open(&p, OpenOptions { read_only: true, ..Default::default() }).is_ok());
+    assert!(Vhdx::open(
+        &p,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        }
+    )
+    .is_ok());
     common::assert_qemu_check(&p);
 }
 
@@ -338,7 +434,11 @@ fn random_damage_never_panics() {
         }
         let read_only = i % 2 == 0;
         let st = std::sync::Arc::new(disk::MemStorage::new(img, 64 * MIB));
-        let opts = OpenOptions { read_only, parent: disk::ParentMode::Zeros, ..Default::default() };
+        let opts = OpenOptions {
+            read_only,
+            parent: disk::ParentMode::Zeros,
+            ..Default::default()
+        };
         if let Ok(d) = Vhdx::open_storage(st, None, opts) {
             opened += 1;
             let mut b = vec![0u8; MIB as usize];
@@ -353,5 +453,8 @@ fn random_damage_never_panics() {
             }
         }
     }
-    assert!(opened > 0, "no damaged image opened at all: the damage is too coarse to test reads");
+    assert!(
+        opened > 0,
+        "no damaged image opened at all: the damage is too coarse to test reads"
+    );
 }

@@ -12,7 +12,14 @@ fn rw(path: &Path) -> Vhdx {
 }
 
 fn ro(path: &Path) -> Vhdx {
-    Vhdx::open(path, OpenOptions { read_only: true, ..Default::default() }).unwrap()
+    Vhdx::open(
+        path,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn read_all(d: &dyn BlockBackend) -> Vec<u8> {
@@ -75,7 +82,7 @@ fn build_chain(lss: u32) -> Chain {
         let mut buf = vec![0u8; 6 * MIB as usize];
         rng.fill(&mut buf);
         write(&d, &mut m0, MIB, &buf);
-        scatter(&d, &mut m0, 2, 50);
+        scatter(&d, &mut m0, 2, 20);
         d.close().unwrap();
     }
     disk::ops::new_differencing_vhd(&mid, &base, Some(1 << 20)).unwrap();
@@ -85,7 +92,7 @@ fn build_chain(lss: u32) -> Chain {
         assert!(d.has_parent());
         assert_eq!(d.size(), size);
         assert!(read_all(&d) == m0, "a fresh child must read as its parent");
-        scatter(&d, &mut m1, 3, 200);
+        scatter(&d, &mut m1, 3, 60);
         // A whole block, and a range crossing a block boundary.
         let full = vec![0xF1u8; MIB as usize];
         write(&d, &mut m1, 10 * MIB, &full);
@@ -101,11 +108,17 @@ fn build_chain(lss: u32) -> Chain {
     let mut m2 = m1.clone();
     {
         let d = rw(&top);
-        scatter(&d, &mut m2, 4, 150);
+        scatter(&d, &mut m2, 4, 50);
         write(&d, &mut m2, 2 * MIB + 4096, &vec![0x2Bu8; 8192]);
         d.close().unwrap();
     }
-    Chain { _dir: dir, base, mid, top, models: [m0, m1, m2] }
+    Chain {
+        _dir: dir,
+        base,
+        mid,
+        top,
+        models: [m0, m1, m2],
+    }
 }
 
 #[test]
@@ -138,7 +151,10 @@ fn chains_read_correctly_and_parents_stay_untouched() {
             std::fs::canonicalize(parent.resolved_path.unwrap()).unwrap(),
             std::fs::canonicalize(&c.mid).unwrap()
         );
-        assert!(parent.locator.iter().any(|(k, v)| k == "relative_path" && v.ends_with("mid.avhdx")));
+        assert!(parent
+            .locator
+            .iter()
+            .any(|(k, v)| k == "relative_path" && v.ends_with("mid.avhdx")));
         let json = serde_json::to_string(&disk::ops::info(&c.mid).unwrap()).unwrap();
         assert!(json.contains("\"vhd_type\":\"differencing\""), "{json}");
         // A child shares its parent's virtual disk ID (it is the same disk, later in time).
@@ -155,25 +171,59 @@ fn a_changed_or_missing_parent_is_refused_with_a_clear_error() {
         let d = rw(&c.base);
         d.write_at(0, &[1u8; 512]).unwrap();
     }
-    let e = Vhdx::open(&c.mid, OpenOptions { read_only: true, ..Default::default() })
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("does not match") && e.contains("base.vhdx"), "{e}");
+    let e = Vhdx::open(
+        &c.mid,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("does not match") && e.contains("base.vhdx"),
+        "{e}"
+    );
     // The whole chain above is refused too, and check reports it.
-    assert!(Vhdx::open(&c.top, OpenOptions { read_only: true, ..Default::default() }).is_err());
+    assert!(Vhdx::open(
+        &c.top,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        }
+    )
+    .is_err());
     let r = disk::ops::check(&c.top).unwrap();
-    assert!(!r.is_clean() && r.errors[0].contains("does not match"), "{:?}", r.errors);
+    assert!(
+        !r.is_clean() && r.errors[0].contains("does not match"),
+        "{:?}",
+        r.errors
+    );
     let info = disk::ops::info(&c.mid).unwrap();
-    assert!(info.parent.unwrap().error.unwrap().contains("does not match"));
+    assert!(info
+        .parent
+        .unwrap()
+        .error
+        .unwrap()
+        .contains("does not match"));
 
     // Missing parent.
     let moved = c.mid.with_extension("moved");
     std::fs::rename(&c.mid, &moved).unwrap();
-    let e = Vhdx::open(&c.top, OpenOptions { read_only: true, ..Default::default() })
-        .unwrap_err();
+    let e = Vhdx::open(
+        &c.top,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
     assert!(matches!(e, disk::Error::MissingParent { .. }), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("not found") && msg.contains("mid.avhdx"), "{msg}");
+    assert!(
+        msg.contains("not found") && msg.contains("mid.avhdx"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -181,7 +231,10 @@ fn merge_folds_children_into_parents() {
     let c = build_chain(512);
     let r = disk::ops::merge(&c.top, true, None).unwrap();
     assert!(r.child_removed && !c.top.exists());
-    assert_eq!(std::fs::canonicalize(&r.parent).unwrap(), std::fs::canonicalize(&c.mid).unwrap());
+    assert_eq!(
+        std::fs::canonicalize(&r.parent).unwrap(),
+        std::fs::canonicalize(&c.mid).unwrap()
+    );
     assert!(r.bytes_merged > 0);
     assert!(read_all(&ro(&c.mid)) == c.models[2], "mid after merge");
 
@@ -200,14 +253,20 @@ fn merge_folds_children_into_parents() {
     assert_qemu_compare(&c.base, &raw);
 
     // Merging something that is not a differencing disk is refused.
-    assert!(disk::ops::merge(&c.base, false, None).unwrap_err().to_string().contains("not a differencing"));
+    assert!(disk::ops::merge(&c.base, false, None)
+        .unwrap_err()
+        .to_string()
+        .contains("not a differencing"));
 }
 
 #[test]
 fn flatten_a_chain_with_convert() {
     let c = build_chain(512);
     let out = c.base.with_file_name("flat.vhdx");
-    let params = CreateParams { block_size: 1 << 20, ..Default::default() };
+    let params = CreateParams {
+        block_size: 1 << 20,
+        ..Default::default()
+    };
     disk::ops::convert(&c.top, &out, &disk::ops::ConvertTarget::Vhdx(params), None).unwrap();
     let raw = c.base.with_file_name("flat.raw");
     std::fs::write(&raw, &c.models[2]).unwrap();

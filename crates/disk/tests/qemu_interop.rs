@@ -42,15 +42,23 @@ fn read_all(d: &dyn BlockBackend) -> Vec<u8> {
 #[test]
 fn images_we_create_pass_qemu_check_and_compare() {
     let dir = tempfile::tempdir().unwrap();
-    let cases =
-        [(VhdxKind::Dynamic, 1u32 << 20), (VhdxKind::Dynamic, 32 << 20), (VhdxKind::Fixed, 4 << 20)];
+    let cases = [
+        (VhdxKind::Dynamic, 1u32 << 20),
+        (VhdxKind::Dynamic, 32 << 20),
+        (VhdxKind::Fixed, 4 << 20),
+    ];
     for (i, (kind, bs)) in cases.into_iter().enumerate() {
         let p = dir.path().join(format!("ours{i}.vhdx"));
         let raw = dir.path().join(format!("ours{i}.raw"));
         let size = 48 * MIB + 512;
         disk::vhdx::create::create(
             &p,
-            &CreateParams { virtual_size: size, kind, block_size: bs, ..Default::default() },
+            &CreateParams {
+                virtual_size: size,
+                kind,
+                block_size: bs,
+                ..Default::default()
+            },
         )
         .unwrap();
         let mut model = vec![0u8; size as usize];
@@ -68,14 +76,22 @@ fn images_we_create_pass_qemu_check_and_compare() {
         assert_qemu_check(&p);
         assert_qemu_compare(&p, &raw);
         let (ok, out) = qemu_img(&["info", "--output=json", p.to_str().unwrap()]);
-        assert!(ok && out.contains(&format!("\"virtual-size\": {size}")), "{out}");
+        assert!(
+            ok && out.contains(&format!("\"virtual-size\": {size}")),
+            "{out}"
+        );
     }
 }
 
 #[test]
 fn images_qemu_creates_are_read_and_written_correctly() {
     let dir = tempfile::tempdir().unwrap();
-    let cases = [("dynamic", "1M"), ("dynamic", "8M"), ("dynamic", "32M"), ("fixed", "2M")];
+    let cases = [
+        ("dynamic", "1M"),
+        ("dynamic", "8M"),
+        ("dynamic", "32M"),
+        ("fixed", "2M"),
+    ];
     for (i, (sub, bs)) in cases.into_iter().enumerate() {
         let size = 40 * MIB;
         let raw = dir.path().join(format!("q{i}.raw"));
@@ -96,9 +112,19 @@ fn images_qemu_creates_are_read_and_written_correctly() {
         ]);
         assert!(ok, "{out}");
         {
-            let d = Vhdx::open(&img, OpenOptions { read_only: true, ..Default::default() }).unwrap();
+            let d = Vhdx::open(
+                &img,
+                OpenOptions {
+                    read_only: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             assert_eq!(d.is_fixed(), sub == "fixed");
-            assert!(read_all(&d) == model, "{sub} {bs}: data read differs from what qemu wrote");
+            assert!(
+                read_all(&d) == model,
+                "{sub} {bs}: data read differs from what qemu wrote"
+            );
         }
         {
             let d = Vhdx::open(&img, OpenOptions::default()).unwrap();
@@ -141,13 +167,31 @@ fn empty_qemu_images_with_bigger_logs_and_qemu_writes_after_ours() {
     }
     // QEMU writes on top of what we wrote; we must see both.
     let (ok, out) = std::process::Command::new("qemu-io")
-        .args(["-f", "vhdx", "-c", "write -P 0x5a 20M 1M", img.to_str().unwrap()])
+        .args([
+            "-f",
+            "vhdx",
+            "-c",
+            "write -P 0x5a 20M 1M",
+            img.to_str().unwrap(),
+        ])
         .output()
-        .map(|o| (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned()))
+        .map(|o| {
+            (
+                o.status.success(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
         .unwrap();
     assert!(ok, "{out}");
     model[20 * MIB as usize..21 * MIB as usize].fill(0x5a);
-    let d = Vhdx::open(&img, OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    let d = Vhdx::open(
+        &img,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(read_all(&d) == model);
     let raw = dir.path().join("e.raw");
     std::fs::write(&raw, &model).unwrap();
@@ -161,7 +205,11 @@ fn convert_raw_to_vhdx_and_back() {
     let size = 30 * MIB + 4096;
     let mut model = vec![0u8; size as usize];
     let mut rng = Rng::new(77);
-    for (s, e) in [(MIB, MIB + MIB / 2), (17 * MIB + 4096, 19 * MIB), (30 * MIB, size)] {
+    for (s, e) in [
+        (MIB, MIB + MIB / 2),
+        (17 * MIB + 4096, 19 * MIB),
+        (30 * MIB, size),
+    ] {
         rng.fill(&mut model[s as usize..e as usize]);
     }
     std::fs::write(&raw, &model).unwrap();
@@ -174,9 +222,18 @@ fn convert_raw_to_vhdx_and_back() {
     };
     for kind in [VhdxKind::Dynamic, VhdxKind::Fixed] {
         let v = dir.path().join(format!("{kind:?}.vhdx"));
-        let params = CreateParams { kind, block_size: 2 << 20, ..Default::default() };
-        disk::ops::convert(&raw, &v, &disk::ops::ConvertTarget::Vhdx(params), Some(&progress))
-            .unwrap();
+        let params = CreateParams {
+            kind,
+            block_size: 2 << 20,
+            ..Default::default()
+        };
+        disk::ops::convert(
+            &raw,
+            &v,
+            &disk::ops::ConvertTarget::Vhdx(params),
+            Some(&progress),
+        )
+        .unwrap();
         assert_eq!(last.get(), (size, size));
         assert_qemu_check(&v);
         assert_qemu_compare(&v, &raw);
@@ -194,5 +251,8 @@ fn convert_raw_to_vhdx_and_back() {
     // The destination must not exist already.
     let v = dir.path().join("Dynamic.vhdx");
     assert!(disk::ops::convert(&raw, &v, &disk::ops::ConvertTarget::Raw, None).is_err());
-    assert!(Path::new(&v).exists(), "an existing destination must be left alone");
+    assert!(
+        Path::new(&v).exists(),
+        "an existing destination must be left alone"
+    );
 }

@@ -28,11 +28,24 @@ fn rw(path: &Path) -> Vhdx {
 }
 
 fn ro(path: &Path) -> Vhdx {
-    Vhdx::open(path, OpenOptions { read_only: true, ..Default::default() }).unwrap()
+    Vhdx::open(
+        path,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 /// Random aligned writes mirrored into `model`.
-fn random_writes(d: &dyn BlockBackend, model: &mut [u8], rng: &mut Rng, count: usize, max_len: u64) {
+fn random_writes(
+    d: &dyn BlockBackend,
+    model: &mut [u8],
+    rng: &mut Rng,
+    count: usize,
+    max_len: u64,
+) {
     let lss = d.logical_sector_size() as u64;
     let size = d.size();
     for _ in 0..count {
@@ -107,9 +120,21 @@ fn misaligned_out_of_range_and_read_only_io_is_refused() {
     create(&p, 4 * MIB, VhdxKind::Dynamic, 1 << 20, 512);
     let d = rw(&p);
     let mut b = vec![0u8; 512];
-    assert!(d.read_at(100, &mut b).unwrap_err().to_string().contains("aligned"));
-    assert!(d.write_at(0, &b[..100]).unwrap_err().to_string().contains("aligned"));
-    assert!(d.read_at(4 * MIB, &mut b).unwrap_err().to_string().contains("past the end"));
+    assert!(d
+        .read_at(100, &mut b)
+        .unwrap_err()
+        .to_string()
+        .contains("aligned"));
+    assert!(d
+        .write_at(0, &b[..100])
+        .unwrap_err()
+        .to_string()
+        .contains("aligned"));
+    assert!(d
+        .read_at(4 * MIB, &mut b)
+        .unwrap_err()
+        .to_string()
+        .contains("past the end"));
     assert!(d.write_at(u64::MAX - 511, &b).is_err());
     drop(d);
     let r = ro(&p);
@@ -204,7 +229,10 @@ fn resize_grows_relocates_the_bat_and_shrinks_only_zero_tails() {
     }
     assert_qemu_check(&p);
     let (ok, out) = common::qemu_img(&["info", "--output=json", p.to_str().unwrap()]);
-    assert!(ok && out.contains(&format!("\"virtual-size\": {}", 200u64 << 30)), "{out}");
+    assert!(
+        ok && out.contains(&format!("\"virtual-size\": {}", 200u64 << 30)),
+        "{out}"
+    );
 
     // Fixed disks get their new blocks allocated.
     let f = dir.path().join("f.vhdx");
@@ -257,7 +285,10 @@ fn parallel_writers_and_readers() {
         let mut written = 0;
         for (s, sec) in all.chunks(512).enumerate() {
             let want = (s as u64 % 251) as u8 + 1;
-            assert!(sec.iter().all(|&b| b == 0) || sec.iter().all(|&b| b == want), "sector {s}");
+            assert!(
+                sec.iter().all(|&b| b == 0) || sec.iter().all(|&b| b == want),
+                "sector {s}"
+            );
             written += (sec[0] != 0) as usize;
         }
         written
@@ -328,7 +359,10 @@ fn raw_files_and_block_devices() {
     };
     let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let result = std::panic::catch_unwind(|| {
-        assert_eq!(disk::detect_format(Path::new(&dev)).unwrap(), disk::DiskFormat::Raw);
+        assert_eq!(
+            disk::detect_format(Path::new(&dev)).unwrap(),
+            disk::DiskFormat::Raw
+        );
         let d = disk::open_disk(Path::new(&dev), false).unwrap();
         assert_eq!(d.size(), 8 * MIB);
         assert_eq!(d.logical_sector_size(), 512);
@@ -337,7 +371,9 @@ fn raw_files_and_block_devices() {
         d.write_at(4096, &buf).unwrap();
         d.flush().unwrap();
     });
-    let _ = std::process::Command::new("losetup").args(["-d", &dev]).status();
+    let _ = std::process::Command::new("losetup")
+        .args(["-d", &dev])
+        .status();
     result.unwrap();
     let f = std::fs::read(&r).unwrap();
     assert!(f[4096..8192].iter().all(|&x| x == 0x5A));

@@ -154,7 +154,10 @@ impl Hypervisor {
             max_vps: self.caps.max_vps,
             slots: Mutex::new(Vec::new()),
             max_slots: self.caps.max_memslots,
-            vcpu_mmap_size: self.kvm.get_vcpu_mmap_size().map_err(kvm_err("GET_VCPU_MMAP_SIZE"))?,
+            vcpu_mmap_size: self
+                .kvm
+                .get_vcpu_mmap_size()
+                .map_err(kvm_err("GET_VCPU_MMAP_SIZE"))?,
         })
     }
 }
@@ -228,7 +231,7 @@ impl Partition {
         size: u64,
         flags: MapFlags,
     ) -> Result<MapHandle> {
-        if gpa % 4096 != 0 || size % 4096 != 0 || (host_addr as usize) % 4096 != 0 || size == 0 {
+        if !gpa.is_multiple_of(4096) || !size.is_multiple_of(4096) || !(host_addr as usize).is_multiple_of(4096) || size == 0 {
             return Err(Error::Invalid(format!(
                 "GPA mapping {gpa:#x}+{size:#x} is not page aligned"
             )));
@@ -365,7 +368,10 @@ impl Partition {
 
     /// Sends a fixed, edge-triggered interrupt `vector` to the LAPIC with `apic_id`.
     pub fn interrupt_vp(&self, apic_id: u32, vector: u8) -> Result<bool> {
-        self.signal_msi(0xfee0_0000 | (u64::from(apic_id & 0xff) << 12), u32::from(vector))
+        self.signal_msi(
+            0xfee0_0000 | (u64::from(apic_id & 0xff) << 12),
+            u32::from(vector),
+        )
     }
 
     /// Makes the listed MSRs exit to user space (everything else keeps KVM's handling).

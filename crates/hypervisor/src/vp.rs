@@ -2,8 +2,8 @@
 
 use crate::{kvm_err, Error, Result};
 use kvm_bindings::{
-    kvm_fpu, kvm_guest_debug, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION,
+    kvm_fpu, kvm_guest_debug, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION,
     KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -213,7 +213,6 @@ impl Vp {
             other => Intercept::Other(format!("{other:?}")),
         })
     }
-
 }
 
 fn internal_error(run: &kvm_bindings::kvm_run) -> Intercept<'static> {
@@ -282,10 +281,14 @@ impl Vp {
         self.fd.set_lapic(l).map_err(kvm_err("SET_LAPIC"))
     }
     pub fn events(&self) -> Result<kvm_vcpu_events> {
-        self.fd.get_vcpu_events().map_err(kvm_err("GET_VCPU_EVENTS"))
+        self.fd
+            .get_vcpu_events()
+            .map_err(kvm_err("GET_VCPU_EVENTS"))
     }
     pub fn set_events(&self, e: &kvm_vcpu_events) -> Result<()> {
-        self.fd.set_vcpu_events(e).map_err(kvm_err("SET_VCPU_EVENTS"))
+        self.fd
+            .set_vcpu_events(e)
+            .map_err(kvm_err("SET_VCPU_EVENTS"))
     }
     pub fn mp_state(&self) -> Result<kvm_mp_state> {
         self.fd.get_mp_state().map_err(kvm_err("GET_MP_STATE"))
@@ -297,7 +300,9 @@ impl Vp {
         self.fd.set_cpuid2(c).map_err(kvm_err("SET_CPUID2"))
     }
     pub fn set_guest_debug(&self, d: &kvm_guest_debug) -> Result<()> {
-        self.fd.set_guest_debug(d).map_err(kvm_err("SET_GUEST_DEBUG"))
+        self.fd
+            .set_guest_debug(d)
+            .map_err(kvm_err("SET_GUEST_DEBUG"))
     }
     /// Translates a guest-virtual address with the VP's current paging state.
     pub fn translate(&self, gva: u64) -> Result<Option<(u64, bool)>> {
@@ -314,8 +319,8 @@ impl Vp {
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|_| Error::Invalid("too many MSRs".into()))?;
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|_| Error::Invalid("too many MSRs".into()))?;
         let n = self.fd.get_msrs(&mut msrs).map_err(kvm_err("GET_MSRS"))?;
         if n != indices.len() {
             return Err(Error::Invalid(format!(
@@ -336,8 +341,8 @@ impl Vp {
                 ..Default::default()
             })
             .collect();
-        let msrs = Msrs::from_entries(&entries)
-            .map_err(|_| Error::Invalid("too many MSRs".into()))?;
+        let msrs =
+            Msrs::from_entries(&entries).map_err(|_| Error::Invalid("too many MSRs".into()))?;
         let n = self.fd.set_msrs(&msrs).map_err(kvm_err("SET_MSRS"))?;
         if n != values.len() {
             return Err(Error::Invalid(format!(

@@ -17,7 +17,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "verdigris", version, about = "The Hyper-V architecture on Linux/KVM")]
+#[command(
+    name = "verdigris",
+    version,
+    about = "The Hyper-V architecture on Linux/KVM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -76,7 +80,9 @@ fn serial_target(s: &str) -> Result<worker::SerialTarget, String> {
         "none" => Ok(worker::SerialTarget::None),
         _ => match s.strip_prefix("file:") {
             Some(p) if !p.is_empty() => Ok(worker::SerialTarget::File(p.into())),
-            _ => Err(format!("invalid --serial '{s}' (use stdio, none or file:PATH)")),
+            _ => Err(format!(
+                "invalid --serial '{s}' (use stdio, none or file:PATH)"
+            )),
         },
     }
 }
@@ -107,9 +113,6 @@ fn run(a: RunArgs) -> ExitCode {
     };
     match worker::run(cfg) {
         Ok(s) => {
-            for n in &s.notes {
-                eprintln!("verdigris: {n}");
-            }
             eprintln!("verdigris: {}", s.reason);
             eprintln!("verdigris: {}", s.stats.report());
             ExitCode::from(s.reason.exit_code() as u8)

@@ -6,7 +6,10 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 pub fn verdigris() -> Command {
@@ -21,7 +24,8 @@ pub fn test_guest() -> &'static Path {
     PATH.get_or_init(|| {
         let dir = repo_root().join("guests/test-guest");
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args(["build", "--release", "--quiet"]).current_dir(&dir);
+        cmd.args(["build", "--release", "--quiet"])
+            .current_dir(&dir);
         // The outer cargo's settings must not leak into the guest build.
         for (k, _) in std::env::vars() {
             if k.starts_with("CARGO_") || k == "RUSTFLAGS" || k == "RUSTC_WRAPPER" {

@@ -72,7 +72,10 @@ fn instructions_kvm_cannot_emulate_are_handled_and_counted() {
     assert!(!t.contains("FAIL"), "{t}");
     // The counters are reported at exit (only instructions this host's KVM failed on appear,
     // so check the shape, and that at least one quirk was handled here).
-    let line = err.lines().find(|l| l.contains("quirks handled:")).unwrap_or("");
+    let line = err
+        .lines()
+        .find(|l| l.contains("quirks handled:"))
+        .unwrap_or("");
     assert!(line.contains('='), "quirk counters reported: {err}");
 }
 
@@ -88,7 +91,11 @@ fn triple_fault_stops_with_its_own_exit_code() {
 fn reboot_exits_when_asked() {
     let (code, com1, err) = run_test_guest("reset", 1, &["--on-reboot", "exit"]);
     assert_eq!(code, 10, "{err}");
-    assert!(text(&com1).contains("reset: resetting via i8042"), "{}", text(&com1));
+    assert!(
+        text(&com1).contains("reset: resetting via i8042"),
+        "{}",
+        text(&com1)
+    );
     let (code, _, err) = run_test_guest("reset-cf9", 1, &["--on-reboot", "exit"]);
     assert_eq!(code, 10, "{err}");
 }

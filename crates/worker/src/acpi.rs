@@ -13,6 +13,9 @@ use zerocopy::{Immutable, IntoBytes};
 const OEM_ID: [u8; 6] = *b"VRDGRS";
 const OEM_TABLE: [u8; 8] = *b"VERDIGRI";
 
+/// A table and the GPA it goes to.
+pub type Blob = (u64, Vec<u8>);
+
 /// Extra AML a later layer (e.g. VMBus) adds under `\_SB`.
 pub type ExtraAml = Vec<u8>;
 
@@ -63,7 +66,7 @@ fn align(x: u64, a: u64) -> u64 {
 
 /// Builds every table for a VM with `vps` processors; returns (gpa, bytes) blobs to copy into
 /// guest memory and the RSDP address.
-pub fn build(vps: u32, extra_sb: &[ExtraAml]) -> Result<(Vec<(u64, Vec<u8>)>, u64), String> {
+pub fn build(vps: u32, extra_sb: &[ExtraAml]) -> Result<(Vec<Blob>, u64), String> {
     // DSDT
     let s5 = aml::Name::new(
         "_S5_".into(),
@@ -133,13 +136,15 @@ pub fn build(vps: u32, extra_sb: &[ExtraAml]) -> Result<(Vec<(u64, Vec<u8>)>, u6
         return Err("ACPI tables do not fit below 1 MiB".into());
     }
 
-    let gas_io = |port: u16, bits: u8| acpi_tables::gas::GAS::new(
-        acpi_tables::gas::AddressSpace::SystemIo,
-        bits,
-        0,
-        acpi_tables::gas::AccessSize::Undefined,
-        u64::from(port),
-    );
+    let gas_io = |port: u16, bits: u8| {
+        acpi_tables::gas::GAS::new(
+            acpi_tables::gas::AddressSpace::SystemIo,
+            bits,
+            0,
+            acpi_tables::gas::AccessSize::Undefined,
+            u64::from(port),
+        )
+    };
     let mut f = fadt::FADTBuilder::new(OEM_ID, OEM_TABLE, 1)
         .dsdt_64(dsdt_addr)
         .firmware_ctrl_64(facs_addr)
@@ -219,7 +224,11 @@ mod tests {
             }
             let len = u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize;
             assert_eq!(len, t.len(), "{} length", String::from_utf8_lossy(&t[..4]));
-            assert!(checksum_ok(t), "{} checksum", String::from_utf8_lossy(&t[..4]));
+            assert!(
+                checksum_ok(t),
+                "{} checksum",
+                String::from_utf8_lossy(&t[..4])
+            );
         }
         let madt = &blobs.iter().find(|b| &b.1[..4] == b"APIC").unwrap().1;
         // 4 local APICs (8 bytes each), one IOAPIC (12), one override (10) after 44 bytes.

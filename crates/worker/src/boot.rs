@@ -122,8 +122,13 @@ fn lz4_legacy(data: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 fn load_elf(mem: &GuestMemoryMmap, elf: &[u8]) -> Result<(u64, u64), BootError> {
-    let r = Elf::load(mem, None, &mut Cursor::new(elf), Some(GuestAddress(HIGH_MEMORY)))
-        .map_err(|e| BootError::Load(format!("ELF: {e}")))?;
+    let r = Elf::load(
+        mem,
+        None,
+        &mut Cursor::new(elf),
+        Some(GuestAddress(HIGH_MEMORY)),
+    )
+    .map_err(|e| BootError::Load(format!("ELF: {e}")))?;
     let entry = r.kernel_load.0;
     Ok((entry, r.kernel_end))
 }
@@ -177,8 +182,12 @@ pub fn load_kernel(
                                 ),
                             });
                         }
-                        Ok(_) => tracing::warn!("bzImage payload is not an ELF; guest decompresses"),
-                        Err(e) => tracing::warn!("host decompression failed ({e}); guest decompresses"),
+                        Ok(_) => {
+                            tracing::warn!("bzImage payload is not an ELF; guest decompresses")
+                        }
+                        Err(e) => {
+                            tracing::warn!("host decompression failed ({e}); guest decompresses")
+                        }
                     }
                 }
             }
@@ -218,7 +227,10 @@ pub fn load_initrd(
     };
     let top = low_end.min(limit + 1);
     let size = initrd.len() as u64;
-    let addr = top.checked_sub(size).map(|a| a & !0xfff).filter(|a| *a >= kernel_end);
+    let addr = top
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|a| *a >= kernel_end);
     let addr = addr.ok_or_else(|| {
         BootError::Invalid(format!(
             "the initrd ({} MiB) does not fit in guest memory above the kernel; give the VM more memory",
@@ -240,10 +252,14 @@ pub fn write_boot_params(
     rsdp: u64,
 ) -> Result<(), BootError> {
     if cmdline.len() >= CMDLINE_MAX {
-        return Err(BootError::Invalid("the kernel command line is too long".into()));
+        return Err(BootError::Invalid(
+            "the kernel command line is too long".into(),
+        ));
     }
     if cmdline.as_bytes().contains(&0) {
-        return Err(BootError::Invalid("the kernel command line contains a NUL byte".into()));
+        return Err(BootError::Invalid(
+            "the kernel command line contains a NUL byte".into(),
+        ));
     }
     let mut bp = boot_params::default();
     if let Some(h) = kernel.setup_header {
@@ -400,7 +416,9 @@ mod tests {
     #[test]
     fn decompressors_round_trip() {
         use std::io::Write;
-        let data: Vec<u8> = (0..100_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let data: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&data).unwrap();
         let (out, fmt) = decompress_payload(&gz.finish().unwrap()).unwrap();
@@ -423,7 +441,9 @@ mod tests {
         write_page_tables(&mem).unwrap();
         let pml4: u64 = mem.read_obj(GuestAddress(PML4)).unwrap();
         assert_eq!(pml4 & !0xfff, PDPT);
-        let pde: u64 = mem.read_obj(GuestAddress(PD0 + 3 * 0x1000 + 511 * 8)).unwrap();
+        let pde: u64 = mem
+            .read_obj(GuestAddress(PD0 + 3 * 0x1000 + 511 * 8))
+            .unwrap();
         assert_eq!(pde & !0x1fffff, 0xffe0_0000);
         assert_eq!(pde & 0x83, 0x83);
     }

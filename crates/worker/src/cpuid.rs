@@ -159,7 +159,11 @@ mod tests {
         assert_ne!(l1.ecx & (1 << 31), 0, "hypervisor bit");
         for feat in HIDDEN {
             let e = s.iter().find(|e| e.function == feat.leaf).unwrap();
-            assert!(!has([e.eax, e.ebx, e.ecx, e.edx], feat), "{} hidden", feat.name);
+            assert!(
+                !has([e.eax, e.ebx, e.ecx, e.edx], feat),
+                "{} hidden",
+                feat.name
+            );
         }
         assert_eq!(s.iter().find(|e| e.function == 0xb).unwrap().edx, 3);
     }

@@ -101,7 +101,8 @@ pub fn probe(hv: &Hypervisor) -> Result<HostFacts, String> {
     let guard = Unmap(mem, size);
     // SAFETY: `mem` is a fresh mapping of `size` bytes, exclusively ours.
     let m = unsafe { std::slice::from_raw_parts_mut(mem.cast::<u8>(), size) };
-    let put = |m: &mut [u8], at: u64, b: &[u8]| m[at as usize..at as usize + b.len()].copy_from_slice(b);
+    let put =
+        |m: &mut [u8], at: u64, b: &[u8]| m[at as usize..at as usize + b.len()].copy_from_slice(b);
     // GDT: null, -, kernel code 0x10, kernel data 0x18, -, user data 0x28, user code 0x30.
     let gdt: [u64; 7] = [
         0,
@@ -118,15 +119,27 @@ pub fn probe(hv: &Hypervisor) -> Result<HostFacts, String> {
     // Page tables with the user bit: PML4 0x9000 → PDPT 0xa000 → PD 0xb000.. (4 GiB, 2 MiB).
     put(m, 0x9000, &(0xa000u64 | 7).to_le_bytes());
     for i in 0..4u64 {
-        put(m, 0xa000 + 8 * i, &((0xb000 + i * 0x1000) | 7).to_le_bytes());
+        put(
+            m,
+            0xa000 + 8 * i,
+            &((0xb000 + i * 0x1000) | 7).to_le_bytes(),
+        );
         for j in 0..512u64 {
-            put(m, 0xb000 + i * 0x1000 + j * 8, &((i << 30 | j << 21) | 0x87).to_le_bytes());
+            put(
+                m,
+                0xb000 + i * 0x1000 + j * 8,
+                &((i << 30 | j << 21) | 0x87).to_le_bytes(),
+            );
         }
     }
     let load_al = [0x8a, 0x04, 0x25, 0x00, 0x00, 0x00, 0x40]; // mov al, [0x40000000]
-    // Ring-3 code: cpuid(1) → r8/r9, cpuid(7) → r12/r13, syscall.
-    let mut code = vec![0xb8, 1, 0, 0, 0, 0x31, 0xc9, 0x0f, 0xa2, 0x49, 0x89, 0xc8, 0x49, 0x89, 0xd1];
-    code.extend_from_slice(&[0xb8, 7, 0, 0, 0, 0x31, 0xc9, 0x0f, 0xa2, 0x49, 0x89, 0xdc, 0x49, 0x89, 0xcd]);
+                                                              // Ring-3 code: cpuid(1) → r8/r9, cpuid(7) → r12/r13, syscall.
+    let mut code = vec![
+        0xb8, 1, 0, 0, 0, 0x31, 0xc9, 0x0f, 0xa2, 0x49, 0x89, 0xc8, 0x49, 0x89, 0xd1,
+    ];
+    code.extend_from_slice(&[
+        0xb8, 7, 0, 0, 0, 0x31, 0xc9, 0x0f, 0xa2, 0x49, 0x89, 0xdc, 0x49, 0x89, 0xcd,
+    ]);
     code.extend_from_slice(&[0x0f, 0x05]);
     put(m, CODE, &code);
     put(m, LSTAR_TARGET, &load_al);
@@ -143,7 +156,8 @@ pub fn probe(hv: &Hypervisor) -> Result<HostFacts, String> {
         .map_err(e("map memory"))?;
     let mut vp = part.create_vp(0).map_err(e("create VP"))?;
     let supported = hv.supported_cpuid().map_err(e("supported CPUID"))?;
-    vp.set_cpuid(&cpuid::policy(&supported, 0)).map_err(e("set CPUID"))?;
+    vp.set_cpuid(&cpuid::policy(&supported, 0))
+        .map_err(e("set CPUID"))?;
     let tsc_khz = vp.tsc_khz().unwrap_or(0);
 
     let mut sregs = vp.sregs().map_err(e("get sregs"))?;
@@ -246,7 +260,12 @@ pub fn linux_requirements(facts: &HostFacts, time_scale: f64) -> Vec<(String, St
     let rest: Vec<&str> = leaked
         .iter()
         .copied()
-        .filter(|n| !matches!(*n, "xsave" | "osxsave" | "avx" | "avx2" | "avx512f" | "fma" | "f16c"))
+        .filter(|n| {
+            !matches!(
+                *n,
+                "xsave" | "osxsave" | "avx" | "avx2" | "avx512f" | "fma" | "f16c"
+            )
+        })
         .collect();
     if !rest.is_empty() {
         v.push((

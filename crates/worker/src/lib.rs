@@ -62,7 +62,10 @@ pub struct VmConfig {
 pub enum StopReason {
     PowerOff,
     Reboot,
-    TripleFault { vp: u32, rip: u64 },
+    TripleFault {
+        vp: u32,
+        rip: u64,
+    },
     /// The guest did something we cannot handle (unsupported instruction, entry failure).
     GuestFailure(String),
     /// The worker itself failed (a KVM call failed).
@@ -89,7 +92,10 @@ impl std::fmt::Display for StopReason {
             StopReason::PowerOff => write!(f, "the guest powered off"),
             StopReason::Reboot => write!(f, "the guest rebooted"),
             StopReason::TripleFault { vp, rip } => {
-                write!(f, "triple fault on VP {vp} at RIP {rip:#x}: the VM was stopped")
+                write!(
+                    f,
+                    "triple fault on VP {vp} at RIP {rip:#x}: the VM was stopped"
+                )
             }
             StopReason::GuestFailure(m) => write!(f, "the VM was stopped: {m}"),
             StopReason::HostFailure(m) => write!(f, "the worker failed: {m}"),
@@ -163,7 +169,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 'G' => 1 << 30,
                 'T' => 1 << 40,
                 'B' => 1,
-                _ => return Err(format!("invalid size '{s}': unknown unit '{c}' (use K, M, G)")),
+                _ => {
+                    return Err(format!(
+                        "invalid size '{s}': unknown unit '{c}' (use K, M, G)"
+                    ))
+                }
             };
             (&s[..i], m)
         }
@@ -177,6 +187,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 struct Control {
+    /// Bumped to ask every VP to report its registers (diagnostics: VERDIGRIS_SAMPLE_SECS).
+    sample: std::sync::atomic::AtomicU64,
     reason: Mutex<Option<StopReason>>,
     cond: Condvar,
     cancels: Mutex<Vec<CancelHandle>>,
@@ -189,14 +201,22 @@ impl Control {
             *g = Some(r);
         }
         drop(g);
-        for c in self.cancels.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for c in self
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             c.cancel();
         }
         self.cond.notify_all();
     }
 
     fn stopped(&self) -> bool {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 }
 
@@ -232,7 +252,10 @@ fn load_inputs(cfg: &VmConfig, max_vps: usize) -> Result<(Vec<u8>, Option<Vec<u8
     }
     let max = max_vps.min(255) as u32;
     if cfg.cpus > max {
-        return Err(c(format!("--cpus {} is more than this host supports ({max})", cfg.cpus)));
+        return Err(c(format!(
+            "--cpus {} is more than this host supports ({max})",
+            cfg.cpus
+        )));
     }
     if cfg.memory < layout::MIN_MEMORY {
         return Err(c(format!(
@@ -241,8 +264,11 @@ fn load_inputs(cfg: &VmConfig, max_vps: usize) -> Result<(Vec<u8>, Option<Vec<u8
             layout::MIN_MEMORY >> 20
         )));
     }
-    if cfg.memory % 4096 != 0 {
-        return Err(c(format!("--memory {} is not a multiple of 4 KiB", cfg.memory)));
+    if !cfg.memory.is_multiple_of(4096) {
+        return Err(c(format!(
+            "--memory {} is not a multiple of 4 KiB",
+            cfg.memory
+        )));
     }
     if cfg.memory > (1 << 40) {
         return Err(c("--memory is larger than 1 TiB".into()));
@@ -285,7 +311,10 @@ pub fn run(mut cfg: VmConfig) -> Result<RunSummary, WorkerError> {
     if cfg.host_kernel_params && boot::kernel_kind(&kernel) == Some(true) {
         for (param, why) in host::linux_requirements(&facts, scale) {
             let key = param.split('=').next().unwrap_or(&param).to_string();
-            if cmdline.split_whitespace().any(|w| w.split('=').next() == Some(&key)) {
+            if cmdline
+                .split_whitespace()
+                .any(|w| w.split('=').next() == Some(&key))
+            {
                 continue; // the user chose their own value
             }
             notes.push(format!("adding kernel parameter {param}: {why}"));
@@ -293,12 +322,25 @@ pub fn run(mut cfg: VmConfig) -> Result<RunSummary, WorkerError> {
             cmdline.push_str(&param);
         }
     }
+    for n in &notes {
+        eprintln!("verdigris: {n}");
+    }
     let console = Console::open(std::mem::replace(&mut cfg.serial, SerialTarget::None));
     let mut stats = Stats::default();
     let mut boots = 0;
     let reason = loop {
         boots += 1;
-        let reason = run_once(&hv, &cfg, &facts, scale, &kernel, initrd.as_deref(), &cmdline, &console, &mut stats)?;
+        let reason = run_once(
+            &hv,
+            &cfg,
+            &facts,
+            scale,
+            &kernel,
+            initrd.as_deref(),
+            &cmdline,
+            &console,
+            &mut stats,
+        )?;
         if reason == StopReason::Reboot && cfg.on_reboot == RebootAction::Restart && boots < 1000 {
             continue;
         }
@@ -335,23 +377,36 @@ impl std::io::Write for SharedOut {
 
 impl Console {
     fn open(target: SerialTarget) -> Self {
-        let (out, input, escape, raw): (Box<dyn std::io::Write + Send>, Option<Box<dyn std::io::Read + Send>>, bool, _) =
-            match target {
-                SerialTarget::Stdio => {
-                    let raw = console::RawMode::enable();
-                    let esc = raw.is_some();
-                    (Box::new(console::StdoutSink), Some(Box::new(std::io::stdin())), esc, raw)
+        let (out, input, escape, raw): (
+            Box<dyn std::io::Write + Send>,
+            Option<Box<dyn std::io::Read + Send>>,
+            bool,
+            _,
+        ) = match target {
+            SerialTarget::Stdio => {
+                let raw = console::RawMode::enable();
+                let esc = raw.is_some();
+                (
+                    Box::new(console::StdoutSink),
+                    Some(Box::new(std::io::stdin())),
+                    esc,
+                    raw,
+                )
+            }
+            SerialTarget::File(p) => match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+            {
+                Ok(f) => (Box::new(f), None, false, None),
+                Err(e) => {
+                    tracing::error!("cannot open serial output {}: {e}", p.display());
+                    (Box::new(std::io::sink()), None, false, None)
                 }
-                SerialTarget::File(p) => match std::fs::OpenOptions::new().create(true).append(true).open(&p) {
-                    Ok(f) => (Box::new(f), None, false, None),
-                    Err(e) => {
-                        tracing::error!("cannot open serial output {}: {e}", p.display());
-                        (Box::new(std::io::sink()), None, false, None)
-                    }
-                },
-                SerialTarget::Stream { out, input } => (out, input, false, None),
-                SerialTarget::None => (Box::new(std::io::sink()), None, false, None),
-            };
+            },
+            SerialTarget::Stream { out, input } => (out, input, false, None),
+            SerialTarget::None => (Box::new(std::io::sink()), None, false, None),
+        };
         Console {
             out: Arc::new(Mutex::new(out)),
             input: Mutex::new(input),
@@ -379,7 +434,8 @@ fn run_once(
     console: &Console,
     stats: &mut Stats,
 ) -> Result<StopReason, WorkerError> {
-    let herr = |what: &'static str| move |e: hypervisor::Error| WorkerError::Host(format!("{what}: {e}"));
+    let herr =
+        |what: &'static str| move |e: hypervisor::Error| WorkerError::Host(format!("{what}: {e}"));
     let part = Arc::new(
         hv.create_partition(&PartitionConfig::default())
             .map_err(herr("creating the partition"))?,
@@ -388,10 +444,12 @@ fn run_once(
         .into_iter()
         .map(|(a, s)| (GuestAddress(a), s as usize))
         .collect();
-    let mem = Arc::new(
-        GuestMemoryMmap::<()>::from_ranges(&ranges)
-            .map_err(|e| WorkerError::Host(format!("allocating {} MiB of guest memory: {e}", cfg.memory >> 20)))?,
-    );
+    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|e| {
+        WorkerError::Host(format!(
+            "allocating {} MiB of guest memory: {e}",
+            cfg.memory >> 20
+        ))
+    })?);
     for region in mem.iter() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -411,12 +469,16 @@ fn run_once(
     }
 
     // Boot image.
-    let loaded = boot::load_kernel(&mem, kernel, cfg.host_decompress).map_err(|e| WorkerError::Config(e.to_string()))?;
+    let loaded = boot::load_kernel(&mem, kernel, cfg.host_decompress)
+        .map_err(|e| WorkerError::Config(e.to_string()))?;
     tracing::info!("kernel: {} (entry {:#x})", loaded.description, loaded.entry);
     let initrd_at = match initrd {
         Some(data) => {
             let max = loaded.setup_header.map(|h| h.initrd_addr_max).unwrap_or(0);
-            Some(boot::load_initrd(&mem, cfg.memory, data, loaded.end, max).map_err(|e| WorkerError::Config(e.to_string()))?)
+            Some(
+                boot::load_initrd(&mem, cfg.memory, data, loaded.end, max)
+                    .map_err(|e| WorkerError::Config(e.to_string()))?,
+            )
         }
         None => None,
     };
@@ -431,13 +493,19 @@ fn run_once(
 
     // Platform.
     let control = Arc::new(Control {
+        sample: std::sync::atomic::AtomicU64::new(0),
         reason: Mutex::new(None),
         cond: Condvar::new(),
         cancels: Mutex::new(Vec::new()),
     });
     let events: Arc<dyn PlatformEvents> = Arc::new(Events(control.clone()));
     let time = Arc::new(GuestTime::new(scale));
-    let irq = |gsi| -> Arc<dyn IrqLine> { Arc::new(KvmIrq { part: part.clone(), gsi }) };
+    let irq = |gsi| -> Arc<dyn IrqLine> {
+        Arc::new(KvmIrq {
+            part: part.clone(),
+            gsi,
+        })
+    };
     let mut bus = devices::IoBus::new();
     let uart = Arc::new(Mutex::new(devices::serial::Uart::new(
         irq(devices::serial::COM1_IRQ),
@@ -446,22 +514,71 @@ fn run_once(
     let pit = devices::pit::PitShared::new(devices::pit::Pit::new(time.clone()));
     let low = cfg.memory.min(layout::LOW_RAM_MAX);
     let ins = |bus: &mut devices::IoBus, base, len, d: Arc<Mutex<dyn devices::PortDevice>>| {
-        bus.insert(base, len, d).map_err(|e| WorkerError::Host(e.to_string()))
+        bus.insert(base, len, d)
+            .map_err(|e| WorkerError::Host(e.to_string()))
     };
     // 0x60 and 0x64 are one device: the same controller at both ports.
-    let kbc = Arc::new(Mutex::new(devices::i8042::I8042::new(irq(devices::i8042::KBD_IRQ), events.clone())));
+    let kbc = Arc::new(Mutex::new(devices::i8042::I8042::new(
+        irq(devices::i8042::KBD_IRQ),
+        events.clone(),
+    )));
     ins(&mut bus, devices::serial::COM1_BASE, 8, uart.clone())?;
-    ins(&mut bus, devices::i8042::DATA_PORT, 1, Arc::new(Mutex::new(I8042Port(kbc.clone(), 0))))?;
-    ins(&mut bus, devices::i8042::CMD_PORT, 1, Arc::new(Mutex::new(I8042Port(kbc, 4))))?;
-    ins(&mut bus, devices::cmos::BASE, 2, Arc::new(Mutex::new(devices::cmos::Cmos::new(time.clone(), low, cfg.memory - low))))?;
-    ins(&mut bus, devices::pit::BASE, 4, Arc::new(Mutex::new(devices::pit::PitPorts(pit.clone()))))?;
-    ins(&mut bus, devices::pit::PORT_B, 1, Arc::new(Mutex::new(devices::pit::PortB(pit.clone()))))?;
-    ins(&mut bus, devices::acpi_pm::BASE, devices::acpi_pm::LEN, Arc::new(Mutex::new(devices::acpi_pm::AcpiPm::new(time.clone(), irq(devices::acpi_pm::SCI_IRQ), events.clone()))))?;
-    ins(&mut bus, devices::acpi_pm::RESET_PORT, 1, Arc::new(Mutex::new(devices::acpi_pm::ResetPort::new(events.clone()))))?;
+    ins(
+        &mut bus,
+        devices::i8042::DATA_PORT,
+        1,
+        Arc::new(Mutex::new(I8042Port(kbc.clone(), 0))),
+    )?;
+    ins(
+        &mut bus,
+        devices::i8042::CMD_PORT,
+        1,
+        Arc::new(Mutex::new(I8042Port(kbc, 4))),
+    )?;
+    ins(
+        &mut bus,
+        devices::cmos::BASE,
+        2,
+        Arc::new(Mutex::new(devices::cmos::Cmos::new(
+            time.clone(),
+            low,
+            cfg.memory - low,
+        ))),
+    )?;
+    ins(
+        &mut bus,
+        devices::pit::BASE,
+        4,
+        Arc::new(Mutex::new(devices::pit::PitPorts(pit.clone()))),
+    )?;
+    ins(
+        &mut bus,
+        devices::pit::PORT_B,
+        1,
+        Arc::new(Mutex::new(devices::pit::PortB(pit.clone()))),
+    )?;
+    ins(
+        &mut bus,
+        devices::acpi_pm::BASE,
+        devices::acpi_pm::LEN,
+        Arc::new(Mutex::new(devices::acpi_pm::AcpiPm::new(
+            time.clone(),
+            irq(devices::acpi_pm::SCI_IRQ),
+            events.clone(),
+        ))),
+    )?;
+    ins(
+        &mut bus,
+        devices::acpi_pm::RESET_PORT,
+        1,
+        Arc::new(Mutex::new(devices::acpi_pm::ResetPort::new(events.clone()))),
+    )?;
     let bus = Arc::new(bus);
 
     let syscall_fixup = if facts.syscall_broken {
-        Some(Arc::new(trampoline::Trampoline::new(&mem).map_err(WorkerError::Host)?))
+        Some(Arc::new(
+            trampoline::Trampoline::new(&mem).map_err(WorkerError::Host)?,
+        ))
     } else {
         None
     };
@@ -474,11 +591,14 @@ fn run_once(
     }
 
     // VPs.
-    let supported = hv.supported_cpuid().map_err(herr("reading supported CPUID"))?;
+    let supported = hv
+        .supported_cpuid()
+        .map_err(herr("reading supported CPUID"))?;
     let mut vps = Vec::new();
     for i in 0..cfg.cpus {
         let vp = part.create_vp(i).map_err(herr("creating a VP"))?;
-        vp.set_cpuid(&cpuid::policy(&supported, i)).map_err(herr("setting CPUID"))?;
+        vp.set_cpuid(&cpuid::policy(&supported, i))
+            .map_err(herr("setting CPUID"))?;
         // Fast strings on; everything else as KVM resets it.
         vp.set_msrs(&[(0x1a0, 1)]).map_err(herr("setting MSRs"))?;
         if i == 0 {
@@ -488,24 +608,42 @@ fn run_once(
             vp.set_sregs(&sregs).map_err(herr("setting registers"))?;
             vp.set_regs(&regs).map_err(herr("setting registers"))?;
         }
-        control.cancels.lock().unwrap_or_else(|e| e.into_inner()).push(vp.cancel_handle());
+        control
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(vp.cancel_handle());
         vps.push(vp);
     }
 
     // Threads.
     let stop_ticker = Arc::new(AtomicBool::new(false));
     let ticker = {
-        let (pit, time, irq0, stop) = (pit.clone(), time.clone(), irq(devices::pit::IRQ), stop_ticker.clone());
+        let (pit, time, irq0, stop) = (
+            pit.clone(),
+            time.clone(),
+            irq(devices::pit::IRQ),
+            stop_ticker.clone(),
+        );
         std::thread::Builder::new()
             .name("pit".into())
             .spawn(move || devices::pit::Ticker::run(pit, time, irq0, stop))
             .map_err(|e| WorkerError::Host(format!("starting the PIT thread: {e}")))?
     };
-    if let Some(input) = console.input.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    if let Some(input) = console
+        .input
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
         let c = control.clone();
-        console::pump_input(input, uart.clone(), console.input_stop.clone(), console.escape, move || {
-            c.stop(StopReason::UserQuit)
-        });
+        console::pump_input(
+            input,
+            uart.clone(),
+            console.input_stop.clone(),
+            console.escape,
+            move || c.stop(StopReason::UserQuit),
+        );
     }
     let mut handles = Vec::new();
     for vp in vps {
@@ -519,7 +657,8 @@ fn run_once(
         let h = std::thread::Builder::new()
             .name(format!("vp{index}"))
             .spawn(move || {
-                let (reason, stats) = vcpu::run_vp(vp, ctx, &|| control.stopped());
+                let sample = || control.sample.load(Ordering::Relaxed);
+                let (reason, stats) = vcpu::run_vp(vp, ctx, &|| control.stopped(), &sample);
                 if let Some(r) = reason {
                     control.stop(r);
                 }
@@ -531,9 +670,34 @@ fn run_once(
 
     // Wait.
     let reason = {
+        let sample_every = std::env::var("VERDIGRIS_SAMPLE_SECS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|s| *s > 0)
+            .map(std::time::Duration::from_secs);
         let mut g = control.reason.lock().unwrap_or_else(|e| e.into_inner());
         while g.is_none() {
-            g = control.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+            match sample_every {
+                Some(d) => {
+                    let (ng, t) = control
+                        .cond
+                        .wait_timeout(g, d)
+                        .unwrap_or_else(|e| e.into_inner());
+                    g = ng;
+                    if t.timed_out() && g.is_none() {
+                        control.sample.fetch_add(1, Ordering::Relaxed);
+                        for c in control
+                            .cancels
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .iter()
+                        {
+                            c.cancel();
+                        }
+                    }
+                }
+                None => g = control.cond.wait(g).unwrap_or_else(|e| e.into_inner()),
+            }
         }
         g.clone().unwrap_or(StopReason::PowerOff)
     };
@@ -546,7 +710,11 @@ fn run_once(
     stop_ticker.store(true, Ordering::Relaxed);
     devices::pit::Ticker::wake(&pit);
     let _ = ticker.join();
-    let _ = console.out.lock().unwrap_or_else(|e| e.into_inner()).flush();
+    let _ = console
+        .out
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .flush();
     drop(bus);
     drop(part);
     Ok(reason)
@@ -557,10 +725,18 @@ struct I8042Port(Arc<Mutex<devices::i8042::I8042>>, u16);
 
 impl devices::PortDevice for I8042Port {
     fn read(&mut self, _offset: u16, data: &mut [u8]) {
-        devices::PortDevice::read(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()), self.1, data);
+        devices::PortDevice::read(
+            &mut *self.0.lock().unwrap_or_else(|e| e.into_inner()),
+            self.1,
+            data,
+        );
     }
     fn write(&mut self, _offset: u16, data: &[u8]) {
-        devices::PortDevice::write(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()), self.1, data);
+        devices::PortDevice::write(
+            &mut *self.0.lock().unwrap_or_else(|e| e.into_inner()),
+            self.1,
+            data,
+        );
     }
 }
 

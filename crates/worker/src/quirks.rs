@@ -151,7 +151,13 @@ impl<'a> KvmCpu<'a> {
         }
     }
 
-    fn access(&mut self, gva: u64, len: usize, write: bool, mut f: impl FnMut(u64, usize, usize) -> Result<(), String>) -> Result<(), MemFault> {
+    fn access(
+        &mut self,
+        gva: u64,
+        len: usize,
+        write: bool,
+        mut f: impl FnMut(u64, usize, usize) -> Result<(), String>,
+    ) -> Result<(), MemFault> {
         let mut done = 0;
         while done < len {
             let va = gva.wrapping_add(done as u64);
@@ -242,11 +248,12 @@ impl Cpu for KvmCpu<'_> {
     }
     fn xcr0(&mut self) -> u64 {
         if self.xcr0.is_none() {
-            let x = self
-                .vp
-                .xcrs()
-                .ok()
-                .and_then(|x| x.xcrs[..x.nr_xcrs as usize].iter().find(|e| e.xcr == 0).map(|e| e.value));
+            let x = self.vp.xcrs().ok().and_then(|x| {
+                x.xcrs[..x.nr_xcrs as usize]
+                    .iter()
+                    .find(|e| e.xcr == 0)
+                    .map(|e| e.value)
+            });
             self.xcr0 = Some(x.unwrap_or(1));
         }
         self.xcr0.unwrap_or(1)
@@ -307,7 +314,8 @@ struct KvmCpuRef(kvm_regs);
 impl KvmCpuRef {
     fn get(&mut self, reg: Register) -> u64 {
         let r = &self.0;
-        let full = match reg.full_register() {
+        
+        match reg.full_register() {
             Register::RAX => r.rax,
             Register::RBX => r.rbx,
             Register::RCX => r.rcx,
@@ -325,7 +333,6 @@ impl KvmCpuRef {
             Register::R14 => r.r14,
             Register::R15 => r.r15,
             _ => 0,
-        };
-        full
+        }
     }
 }

@@ -49,9 +49,12 @@ impl Trampoline {
         w(PT | 0x7, PD)?;
         w(CODE | 0x5, PT)?; // present, user, read-only, executable
         w(TRAMPOLINE_MMIO | 0x7 | NX, PT + 8)?; // the page the load hits: unbacked
-        // mov al, [rip + 0xffa] → TRAMPOLINE_GVA + 0x1000; then ud2 (never reached).
-        mem.write_slice(&[0x8a, 0x05, 0xfa, 0x0f, 0x00, 0x00, 0x0f, 0x0b], GuestAddress(CODE))
-            .map_err(|e| format!("SYSCALL trampoline: {e}"))?;
+                                                // mov al, [rip + 0xffa] → TRAMPOLINE_GVA + 0x1000; then ud2 (never reached).
+        mem.write_slice(
+            &[0x8a, 0x05, 0xfa, 0x0f, 0x00, 0x00, 0x0f, 0x0b],
+            GuestAddress(CODE),
+        )
+        .map_err(|e| format!("SYSCALL trampoline: {e}"))?;
         Ok(Self {
             guest_lstar: AtomicU64::new(0),
             install: Mutex::new(()),
@@ -60,7 +63,12 @@ impl Trampoline {
 
     /// The guest wrote LSTAR: remember it, map the trampoline into the current top-level page
     /// table, and point the real LSTAR at the trampoline.
-    pub fn guest_wrote_lstar(&self, vp: &Vp, mem: &GuestMemoryMmap, value: u64) -> hypervisor::Result<()> {
+    pub fn guest_wrote_lstar(
+        &self,
+        vp: &Vp,
+        mem: &GuestMemoryMmap,
+        value: u64,
+    ) -> hypervisor::Result<()> {
         self.guest_lstar.store(value, Ordering::SeqCst);
         let sregs = vp.sregs()?;
         let nxe = sregs.efer & (1 << 11) != 0;

@@ -1,6 +1,6 @@
 //! One VP's thread: runs the VP and dispatches its intercepts.
 
-use crate::{quirks, StopReason, Stats};
+use crate::{quirks, Stats, StopReason};
 use devices::IoBus;
 use hypervisor::{Intercept, Vp};
 use std::sync::Arc;
@@ -26,14 +26,25 @@ enum Deferred {
 }
 
 /// Runs until the VM stops; returns why (if this VP caused the stop) and its counters.
-pub fn run_vp(mut vp: Vp, ctx: VpContext, stopped: &dyn Fn() -> bool) -> (Option<StopReason>, Stats) {
+pub fn run_vp(
+    mut vp: Vp,
+    ctx: VpContext,
+    stopped: &dyn Fn() -> bool,
+    sample: &dyn Fn() -> u64,
+) -> (Option<StopReason>, Stats) {
     let mut stats = Stats::default();
+    let mut seen_sample = 0;
     let index = vp.index();
     loop {
         let mut deferred = Deferred::None;
         let r = match vp.run() {
             Ok(i) => i,
-            Err(e) => return (Some(StopReason::HostFailure(format!("VP {index}: {e}"))), stats),
+            Err(e) => {
+                return (
+                    Some(StopReason::HostFailure(format!("VP {index}: {e}"))),
+                    stats,
+                )
+            }
         };
         match r {
             Intercept::IoIn { port, data } => {
@@ -62,7 +73,11 @@ pub fn run_vp(mut vp: Vp, ctx: VpContext, stopped: &dyn Fn() -> bool) -> (Option
                 stats.msr_exits += 1;
                 *error = 1; // unknown MSR: #GP, as hardware
             }
-            Intercept::MsrWrite { index: msr, value, error } => {
+            Intercept::MsrWrite {
+                index: msr,
+                value,
+                error,
+            } => {
                 stats.msr_exits += 1;
                 if msr == MSR_LSTAR && ctx.syscall_fixup.is_some() {
                     *error = 0;
@@ -83,6 +98,15 @@ pub fn run_vp(mut vp: Vp, ctx: VpContext, stopped: &dyn Fn() -> bool) -> (Option
                     return (None, stats);
                 }
                 vp.clear_cancel();
+                let now = sample();
+                if now != seen_sample {
+                    seen_sample = now;
+                    eprintln!(
+                        "verdigris: sample VP {index}:{} {}",
+                        regs_line(&vp),
+                        stats.report()
+                    );
+                }
             }
             Intercept::SystemEvent { kind } => {
                 return (
@@ -131,7 +155,10 @@ pub fn run_vp(mut vp: Vp, ctx: VpContext, stopped: &dyn Fn() -> bool) -> (Option
                 Ok(()) => Ok(()),
                 Err(m) => {
                     return (
-                        Some(StopReason::GuestFailure(format!("VP {index}: {m}{}", regs_line(&vp)))),
+                        Some(StopReason::GuestFailure(format!(
+                            "VP {index}: {m}{}",
+                            regs_line(&vp)
+                        ))),
                         stats,
                     )
                 }
@@ -146,7 +173,10 @@ pub fn run_vp(mut vp: Vp, ctx: VpContext, stopped: &dyn Fn() -> bool) -> (Option
             },
         };
         if let Err(e) = result {
-            return (Some(StopReason::HostFailure(format!("VP {index}: {e}"))), stats);
+            return (
+                Some(StopReason::HostFailure(format!("VP {index}: {e}"))),
+                stats,
+            );
         }
     }
 }

@@ -62,7 +62,12 @@ pub fn assert_qemu_compare(vhdx: &Path, raw: &Path) {
         vhdx.to_str().unwrap(),
         raw.to_str().unwrap(),
     ]);
-    assert!(ok, "qemu-img compare {} vs {}: {out}", vhdx.display(), raw.display());
+    assert!(
+        ok,
+        "qemu-img compare {} vs {}: {out}",
+        vhdx.display(),
+        raw.display()
+    );
 }
 
 /// A storage that simulates a power loss: after `budget` mutating calls (write, set_len,
@@ -99,11 +104,18 @@ fn crashed() -> io::Error {
     io::Error::other("simulated power loss")
 }
 
+/// Grows `v` with zeros (memcpy from a calloc'd buffer: `resize` is a byte loop in debug
+/// builds, far too slow for megabytes).
+fn grow(v: &mut Vec<u8>, len: usize) {
+    if v.len() < len {
+        let n = len - v.len();
+        v.extend_from_slice(&vec![0u8; n]);
+    }
+}
+
 fn apply(v: &mut Vec<u8>, off: u64, data: &[u8]) {
     let end = off as usize + data.len();
-    if v.len() < end {
-        v.resize(end, 0);
-    }
+    grow(v, end);
     v[off as usize..end].copy_from_slice(data);
 }
 
@@ -189,9 +201,7 @@ impl Storage for FaultStorage {
         }
         // Growth by writing past the end counts as durable, like set_len below.
         let end = offset as usize + buf.len();
-        if s.current.len() < end {
-            s.current.resize(end, 0);
-        }
+        grow(&mut s.current, end);
         let old = s.current[offset as usize..end].to_vec();
         apply(&mut s.current, offset, buf);
         s.pending.push((offset, buf.to_vec(), old));
@@ -223,8 +233,11 @@ impl Storage for FaultStorage {
         // File size changes are treated as durable at once (a journalling filesystem commits
         // them in order); the log's FlushedFileOffset covers the other case. Only growth is
         // modelled: the VHDX code never shrinks a file.
-        assert!(len >= s.current.len() as u64, "FaultStorage models growth only");
-        s.current.resize(len as usize, 0);
+        assert!(
+            len >= s.current.len() as u64,
+            "FaultStorage models growth only"
+        );
+        grow(&mut s.current, len as usize);
         Ok(())
     }
 }
