@@ -92,9 +92,10 @@ impl I8042 {
             0xfe => self.events.request(PowerEvent::Reset),
             c if c & 0xf0 == 0xf0
                 // Pulse output lines: bit 0 clear pulses the reset line.
-                && c & 0x01 == 0 => {
-                    self.events.request(PowerEvent::Reset);
-                }
+                && c & 0x01 == 0 =>
+            {
+                self.events.request(PowerEvent::Reset);
+            }
             _ => {}
         }
     }
@@ -102,10 +103,9 @@ impl I8042 {
     fn controller_data(&mut self, cmd: u8, v: u8) {
         match cmd {
             0x60 => self.state.command_byte = v,
-            0xd1
-                if v & 0x01 == 0 => {
-                    self.events.request(PowerEvent::Reset);
-                }
+            0xd1 if v & 0x01 == 0 => {
+                self.events.request(PowerEvent::Reset);
+            }
             0xd2 => self.push_kbd(&[v]),
             // Aux loopback and aux writes: no aux port, nothing answers.
             _ => {}

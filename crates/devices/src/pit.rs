@@ -173,7 +173,7 @@ impl Pit {
             return s;
         }
         let value = c.latched.unwrap_or_else(|| c.count(now));
-        
+
         match c.access {
             1 => {
                 c.latched = None;

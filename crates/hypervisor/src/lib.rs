@@ -231,7 +231,11 @@ impl Partition {
         size: u64,
         flags: MapFlags,
     ) -> Result<MapHandle> {
-        if !gpa.is_multiple_of(4096) || !size.is_multiple_of(4096) || !(host_addr as usize).is_multiple_of(4096) || size == 0 {
+        if !gpa.is_multiple_of(4096)
+            || !size.is_multiple_of(4096)
+            || !(host_addr as usize).is_multiple_of(4096)
+            || size == 0
+        {
             return Err(Error::Invalid(format!(
                 "GPA mapping {gpa:#x}+{size:#x} is not page aligned"
             )));

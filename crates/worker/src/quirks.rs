@@ -314,7 +314,7 @@ struct KvmCpuRef(kvm_regs);
 impl KvmCpuRef {
     fn get(&mut self, reg: Register) -> u64 {
         let r = &self.0;
-        
+
         match reg.full_register() {
             Register::RAX => r.rax,
             Register::RBX => r.rbx,
