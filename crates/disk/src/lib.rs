@@ -138,6 +138,12 @@ pub fn detect_format(path: &Path) -> Result<DiskFormat> {
     if md.file_type().is_block_device() {
         return Ok(DiskFormat::Raw);
     }
+    if !md.is_file() {
+        return Err(Error::InvalidArgument(format!(
+            "{} is neither a regular file nor a block device",
+            path.display()
+        )));
+    }
     if has_vhdx_extension(path) {
         return Ok(DiskFormat::Vhdx);
     }

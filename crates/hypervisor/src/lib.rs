@@ -210,6 +210,13 @@ pub struct Partition {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapHandle(u32);
 
+impl MapHandle {
+    /// The handle of a partition's first mapping.
+    pub fn first() -> Self {
+        MapHandle(0)
+    }
+}
+
 /// A set of MSRs that must exit to user space on read and/or write even though KVM knows them.
 #[derive(Debug, Clone, Default)]
 pub struct MsrIntercepts {

@@ -99,3 +99,13 @@ fn reboot_exits_when_asked() {
     let (code, _, err) = run_test_guest("reset-cf9", 1, &["--on-reboot", "exit"]);
     assert_eq!(code, 10, "{err}");
 }
+
+#[test]
+fn reboot_restarts_the_vm_and_cmos_survives_it() {
+    // The guest marks CMOS and resets; booted again, it finds the mark and powers off.
+    let (code, com1, err) = run_test_guest("reset", 1, &["--on-reboot", "restart"]);
+    let t = text(&com1);
+    assert_eq!(code, 0, "{err}\n{t}");
+    assert_eq!(t.matches("reset: resetting via i8042").count(), 1, "{t}");
+    assert!(t.lines().count() >= 2, "a second boot reported: {t}");
+}

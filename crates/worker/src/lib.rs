@@ -328,6 +328,8 @@ pub fn run(mut cfg: VmConfig) -> Result<RunSummary, WorkerError> {
     let console = Console::open(std::mem::replace(&mut cfg.serial, SerialTarget::None));
     let mut stats = Stats::default();
     let mut boots = 0;
+    // CMOS RAM survives a reset, as on hardware (the rest of the machine starts afresh).
+    let mut cmos: Option<devices::cmos::CmosState> = None;
     let reason = loop {
         boots += 1;
         let reason = run_once(
@@ -340,6 +342,7 @@ pub fn run(mut cfg: VmConfig) -> Result<RunSummary, WorkerError> {
             &cmdline,
             &console,
             &mut stats,
+            &mut cmos,
         )?;
         if reason == StopReason::Reboot && cfg.on_reboot == RebootAction::Restart && boots < 1000 {
             continue;
@@ -433,6 +436,7 @@ fn run_once(
     cmdline: &str,
     console: &Console,
     stats: &mut Stats,
+    cmos_state: &mut Option<devices::cmos::CmosState>,
 ) -> Result<StopReason, WorkerError> {
     let herr =
         |what: &'static str| move |e: hypervisor::Error| WorkerError::Host(format!("{what}: {e}"));
@@ -535,16 +539,14 @@ fn run_once(
         1,
         Arc::new(Mutex::new(I8042Port(kbc, 4))),
     )?;
-    ins(
-        &mut bus,
-        devices::cmos::BASE,
-        2,
-        Arc::new(Mutex::new(devices::cmos::Cmos::new(
-            time.clone(),
-            low,
-            cfg.memory - low,
-        ))),
-    )?;
+    let cmos = {
+        let mut c = devices::cmos::Cmos::new(time.clone(), low, cfg.memory - low);
+        if let Some(st) = cmos_state.take() {
+            c.state = st;
+        }
+        Arc::new(Mutex::new(c))
+    };
+    ins(&mut bus, devices::cmos::BASE, 2, cmos.clone())?;
     ins(
         &mut bus,
         devices::pit::BASE,
@@ -715,6 +717,7 @@ fn run_once(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .flush();
+    *cmos_state = Some(cmos.lock().unwrap_or_else(|e| e.into_inner()).state.clone());
     drop(bus);
     drop(part);
     Ok(reason)

@@ -136,3 +136,17 @@ pub fn page_is_ram(addr: u64) -> bool {
                 .is_some_and(|end| addr + 4096 <= end)
     })
 }
+
+/// The decimal value of the first `<key>=` word of the command line.
+pub fn number(key: &[u8]) -> Option<u64> {
+    let word = cmdline()
+        .split(|&b| b == b' ' || b == b'\t' || b == b'\n')
+        .find(|w| w.len() > key.len() && w.starts_with(key) && w[key.len()] == b'=')?;
+    let digits = &word[key.len() + 1..];
+    if digits.is_empty() || digits.len() > 12 {
+        return None;
+    }
+    digits
+        .iter()
+        .try_fold(0u64, |n, &d| d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0')))
+}

@@ -4,7 +4,8 @@
 //!
 //! Inputs smaller than the 1 MiB header section are padded with zeros at the front of a
 //! template image, so the fuzzer reaches past the first checks without megabyte inputs: the
-//! first byte picks where the input is spliced in and whether the open is read-only.
+//! first byte picks where the input is spliced in, whether checksums are recomputed afterwards,
+//! and whether the open is read-only.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -24,6 +25,20 @@ fn template() -> &'static Vec<u8> {
     })
 }
 
+/// Recomputes the CRC-32C of both headers and both region tables.
+fn reseal(img: &mut [u8]) {
+    use disk::vhdx::format::{crc32c_with_zeroed_field, HEADER_OFFSETS, REGION_TABLE_OFFSETS};
+    for (offs, len) in [(HEADER_OFFSETS, 4096usize), (REGION_TABLE_OFFSETS, 64 << 10)] {
+        for off in offs {
+            let o = off as usize;
+            if img.len() >= o + len {
+                let crc = crc32c_with_zeroed_field(&img[o..o + len], 4);
+                img[o + 4..o + 8].copy_from_slice(&crc.to_le_bytes());
+            }
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, rest)) = data.split_first() else { return };
     // Where to splice: file identifier/headers, region tables, log, metadata, BAT.
@@ -36,6 +51,11 @@ fuzz_target!(|data: &[u8]| {
     } else {
         let end = (at + rest.len()).min(img.len());
         img[at..end].copy_from_slice(&rest[..end - at]);
+    }
+    // Often re-seal the checksummed structures, so mutations get past the CRC-32C checks and
+    // reach the parsers behind them.
+    if sel & 0x20 != 0 {
+        reseal(&mut img);
     }
     let read_only = sel & 0x40 != 0;
     let st = Arc::new(MemStorage::new(img, 64 << 20));

@@ -109,11 +109,22 @@ struct LogReader<'a> {
     len: u64,
     guid: Guid,
     cache: HashMap<u64, Option<LogEntry>>,
+    /// Bytes the scan may still read. A sane log is read about twice over; a hostile one
+    /// (entry headers everywhere, each claiming the whole log) would otherwise cost
+    /// quadratic time.
+    budget: u64,
 }
 
 impl LogReader<'_> {
     /// Reads `count` 4 KiB sectors of the circular log starting at `pos`.
-    fn read_sectors(&self, pos: u64, count: u64) -> Result<Vec<u8>> {
+    fn read_sectors(&mut self, pos: u64, count: u64) -> Result<Vec<u8>> {
+        let bytes = count * SECTOR_4K;
+        if bytes > self.budget {
+            return Err(Error::corrupt(
+                "the log is too damaged to scan (entry headers claim overlapping lengths)",
+            ));
+        }
+        self.budget -= bytes;
         let mut buf = vec![0u8; (count * SECTOR_4K) as usize];
         let mut done = 0u64;
         let mut p = pos;
@@ -140,7 +151,7 @@ impl LogReader<'_> {
     }
 
     /// Parses and fully validates the entry at `pos`; `None` if it is not a valid entry.
-    fn parse_entry(&self, pos: u64) -> Result<Option<LogEntry>> {
+    fn parse_entry(&mut self, pos: u64) -> Result<Option<LogEntry>> {
         let first = self.read_sectors(pos, 1)?;
         let h: LogEntryHeader = read_struct(&first);
         if h.signature.get() != SIG_LOGE || Guid(h.log_guid) != self.guid {
@@ -238,6 +249,7 @@ pub fn find_active_sequence(
         len: log_len,
         guid,
         cache: HashMap::new(),
+        budget: 8 * log_len + 8 * MIB,
     };
     let mut candidate: Option<Vec<LogEntry>> = None;
     let mut cur_tail = 0u64;

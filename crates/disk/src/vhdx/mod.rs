@@ -1230,7 +1230,13 @@ fn open_parent(child: &Path, pl: &ParentLocator, depth: u32) -> Result<(PathBuf,
         })
         .collect::<Result<_>>()?;
     for c in candidates {
-        if !c.exists() {
+        // Only regular files (or block devices) can be parents: never follow a locator into a
+        // FIFO or character device, whose open could block or never end.
+        let usable = std::fs::metadata(&c).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.is_file() || m.file_type().is_block_device()
+        });
+        if !usable {
             tried.push(c);
             continue;
         }
