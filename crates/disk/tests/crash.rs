@@ -193,7 +193,7 @@ fn verify(setup: &Setup, d: &dyn BlockBackend, m: &Model, what: &str) {
                 let i = s * SECTOR as usize;
                 match setup.initial.get(i..i + SECTOR as usize) {
                     Some(init) => sec == init,
-                    None => sec.iter().all(|&b| b == 0),
+                    None => sec == [0u8; SECTOR as usize],
                 }
             }
             ZEROS => sec == [0u8; SECTOR as usize],

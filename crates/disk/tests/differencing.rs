@@ -273,3 +273,54 @@ fn flatten_a_chain_with_convert() {
     assert_qemu_check(&out);
     assert_qemu_compare(&out, &raw);
 }
+
+#[test]
+fn parallel_writes_into_shared_partial_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("b.vhdx");
+    let child = dir.path().join("c.vhdx");
+    let size = 8 * MIB;
+    disk::vhdx::create::create(
+        &base,
+        &CreateParams {
+            virtual_size: size,
+            block_size: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut model = vec![0u8; size as usize];
+    Rng::new(21).fill(&mut model);
+    {
+        let d = rw(&base);
+        d.write_at(0, &model).unwrap();
+        d.close().unwrap();
+    }
+    disk::ops::new_differencing_vhd(&child, &base, Some(1 << 20)).unwrap();
+    let d = std::sync::Arc::new(rw(&child));
+    // Four threads write interleaved sectors (s % 4 == t) of the same few blocks, racing each
+    // other to allocate the blocks, the bitmap block and to set bits in the same bitmap sectors.
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(60 + t);
+                let mut written = Vec::new();
+                for _ in 0..150 {
+                    let s = rng.below(3 * MIB / 512 / 4) * 4 + t;
+                    d.write_at(s * 512, &[(t + 1) as u8; 512]).unwrap();
+                    written.push(s);
+                }
+                written
+            })
+        })
+        .collect();
+    for (t, h) in threads.into_iter().enumerate() {
+        for s in h.join().unwrap() {
+            model[(s * 512) as usize..(s * 512 + 512) as usize].fill(t as u8 + 1);
+        }
+    }
+    assert!(read_all(&*d) == model);
+    drop(d);
+    assert!(read_all(&ro(&child)) == model);
+}

@@ -56,7 +56,8 @@ struct RunArgs {
     /// Number of virtual processors.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
-    /// COM1: `stdio`, `file:PATH` or `none`.
+    /// COM1: `stdio`, `file:PATH`, `unix:PATH` (a listening socket; output is replayed to
+    /// each new client) or `none`.
     #[arg(long, default_value = "stdio")]
     serial: String,
     /// What a guest reboot does.
@@ -75,15 +76,19 @@ struct RunArgs {
 }
 
 fn serial_target(s: &str) -> Result<worker::SerialTarget, String> {
+    let bad = || format!("invalid --serial '{s}' (use stdio, none, file:PATH or unix:PATH)");
     match s {
         "stdio" => Ok(worker::SerialTarget::Stdio),
         "none" => Ok(worker::SerialTarget::None),
-        _ => match s.strip_prefix("file:") {
-            Some(p) if !p.is_empty() => Ok(worker::SerialTarget::File(p.into())),
-            _ => Err(format!(
-                "invalid --serial '{s}' (use stdio, none or file:PATH)"
-            )),
-        },
+        _ => {
+            if let Some(p) = s.strip_prefix("file:").filter(|p| !p.is_empty()) {
+                Ok(worker::SerialTarget::File(p.into()))
+            } else if let Some(p) = s.strip_prefix("unix:").filter(|p| !p.is_empty()) {
+                Ok(worker::SerialTarget::Socket(p.into()))
+            } else {
+                Err(bad())
+            }
+        }
     }
 }
 

@@ -53,4 +53,18 @@ fn bad_inputs_are_refused_with_one_line() {
         "invalid --serial",
     );
     expect_error(&["run", "--kernel", &tg, "--time-scale", "3"], "time-scale");
+    expect_error(
+        &[
+            "run",
+            "--kernel",
+            &tg,
+            "--serial",
+            "file:/nonexistent/dir/x",
+        ],
+        "cannot open serial output",
+    );
+    expect_error(
+        &["run", "--kernel", &tg, "--serial", &format!("unix:{junk}")],
+        "not a socket",
+    );
 }

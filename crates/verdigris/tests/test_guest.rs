@@ -109,3 +109,45 @@ fn reboot_restarts_the_vm_and_cmos_survives_it() {
     assert_eq!(t.matches("reset: resetting via i8042").count(), 1, "{t}");
     assert!(t.lines().count() >= 2, "a second boot reported: {t}");
 }
+
+#[test]
+fn console_on_a_unix_socket_replays_output_to_a_late_client() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("com1.sock");
+    // test=panic halts forever after printing: the VM stays up until we kill it.
+    let mut child = verdigris()
+        .args(["run", "--kernel"])
+        .arg(test_guest())
+        .args(["--cmdline", "test=panic", "--memory", "64M", "--serial"])
+        .arg(format!("unix:{}", sock.display()))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut got = Vec::new();
+    while std::time::Instant::now() < deadline && !String::from_utf8_lossy(&got).contains("PANIC") {
+        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&sock) {
+            s.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+                .unwrap();
+            got.clear();
+            let mut buf = [0u8; 256];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+        } else {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        String::from_utf8_lossy(&got).contains("PANIC: requested by test=panic"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(!sock.exists() || std::fs::metadata(&sock).is_ok());
+}

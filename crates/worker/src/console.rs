@@ -17,6 +17,8 @@ pub enum SerialTarget {
     Stdio,
     /// Output appended to a file; no input.
     File(PathBuf),
+    /// A listening unix socket (see [`SocketHub`]).
+    Socket(PathBuf),
     /// Output to any writer; input from an optional reader (tests, the control channel).
     Stream {
         out: Box<dyn Write + Send>,
@@ -31,6 +33,7 @@ impl std::fmt::Debug for SerialTarget {
         match self {
             SerialTarget::Stdio => write!(f, "stdio"),
             SerialTarget::File(p) => write!(f, "file:{}", p.display()),
+            SerialTarget::Socket(p) => write!(f, "unix:{}", p.display()),
             SerialTarget::Stream { .. } => write!(f, "stream"),
             SerialTarget::None => write!(f, "none"),
         }
@@ -133,5 +136,141 @@ fn feed(uart: &Mutex<devices::serial::Uart>, mut data: &[u8], stop: &AtomicBool)
         if !data.is_empty() {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+    }
+}
+
+/// A serial console on a unix socket: one client at a time (a new one replaces the old), the
+/// last 64 KiB of output replayed to each new client, the client's bytes fed to COM1.
+pub struct SocketHub {
+    inner: Mutex<HubState>,
+    path: PathBuf,
+}
+
+struct HubState {
+    client: Option<std::os::unix::net::UnixStream>,
+    backlog: std::collections::VecDeque<u8>,
+    uart: Option<Arc<Mutex<devices::serial::Uart>>>,
+    generation: u64,
+}
+
+const BACKLOG: usize = 64 << 10;
+
+impl SocketHub {
+    /// Binds `path` (replacing a stale socket file, never another kind of file).
+    pub fn bind(path: PathBuf, stop: Arc<AtomicBool>) -> std::io::Result<Arc<Self>> {
+        use std::os::unix::fs::FileTypeExt;
+        if let Ok(m) = std::fs::symlink_metadata(&path) {
+            if m.file_type().is_socket() {
+                std::fs::remove_file(&path)?;
+            } else {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+        }
+        let listener = std::os::unix::net::UnixListener::bind(&path)?;
+        let hub = Arc::new(SocketHub {
+            inner: Mutex::new(HubState {
+                client: None,
+                backlog: std::collections::VecDeque::new(),
+                uart: None,
+                generation: 0,
+            }),
+            path,
+        });
+        let h = hub.clone();
+        std::thread::Builder::new()
+            .name("console-accept".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    if let Ok(c) = conn {
+                        h.attach(c, stop.clone());
+                    }
+                }
+            })?;
+        Ok(hub)
+    }
+
+    fn attach(self: &Arc<Self>, mut c: std::os::unix::net::UnixStream, stop: Arc<AtomicBool>) {
+        let (reader, generation) = {
+            let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let (a, b) = st.backlog.as_slices();
+            if c.write_all(a).and_then(|_| c.write_all(b)).is_err() {
+                return;
+            }
+            let Ok(reader) = c.try_clone() else { return };
+            st.client = Some(c);
+            st.generation += 1;
+            (reader, st.generation)
+        };
+        let hub = self.clone();
+        let _ = std::thread::Builder::new()
+            .name("console-client".into())
+            .spawn(move || {
+                let mut reader = reader;
+                let mut buf = [0u8; 256];
+                loop {
+                    let n = match reader.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let uart = hub
+                        .inner
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .uart
+                        .clone();
+                    if let Some(u) = uart {
+                        feed(&u, &buf[..n], &stop);
+                    }
+                }
+                let mut st = hub.inner.lock().unwrap_or_else(|e| e.into_inner());
+                if st.generation == generation {
+                    st.client = None;
+                }
+            });
+    }
+
+    /// Connects the hub's input to a (new) UART after each boot.
+    pub fn set_uart(&self, uart: Arc<Mutex<devices::serial::Uart>>) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).uart = Some(uart);
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for SocketHub {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Output side of a [`SocketHub`].
+pub struct HubWriter(pub Arc<SocketHub>);
+
+impl Write for HubWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut st = self.0.inner.lock().unwrap_or_else(|e| e.into_inner());
+        st.backlog.extend(buf);
+        let excess = st.backlog.len().saturating_sub(BACKLOG);
+        st.backlog.drain(..excess);
+        if let Some(c) = st.client.as_mut() {
+            if c.write_all(buf).is_err() {
+                st.client = None;
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -325,7 +325,7 @@ pub fn run(mut cfg: VmConfig) -> Result<RunSummary, WorkerError> {
     for n in &notes {
         eprintln!("verdigris: {n}");
     }
-    let console = Console::open(std::mem::replace(&mut cfg.serial, SerialTarget::None));
+    let console = Console::open(std::mem::replace(&mut cfg.serial, SerialTarget::None))?;
     let mut stats = Stats::default();
     let mut boots = 0;
     // CMOS RAM survives a reset, as on hardware (the rest of the machine starts afresh).
@@ -361,6 +361,7 @@ pub fn run(mut cfg: VmConfig) -> Result<RunSummary, WorkerError> {
 /// The console's host side, kept across reboots.
 struct Console {
     out: Arc<Mutex<Box<dyn std::io::Write + Send>>>,
+    hub: Option<Arc<console::SocketHub>>,
     input: Mutex<Option<Box<dyn std::io::Read + Send>>>,
     escape: bool,
     _raw: Option<console::RawMode>,
@@ -379,7 +380,9 @@ impl std::io::Write for SharedOut {
 }
 
 impl Console {
-    fn open(target: SerialTarget) -> Self {
+    fn open(target: SerialTarget) -> Result<Self, WorkerError> {
+        let input_stop = Arc::new(AtomicBool::new(false));
+        let mut hub = None;
         let (out, input, escape, raw): (
             Box<dyn std::io::Write + Send>,
             Option<Box<dyn std::io::Read + Send>>,
@@ -396,27 +399,37 @@ impl Console {
                     raw,
                 )
             }
-            SerialTarget::File(p) => match std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&p)
-            {
-                Ok(f) => (Box::new(f), None, false, None),
-                Err(e) => {
-                    tracing::error!("cannot open serial output {}: {e}", p.display());
-                    (Box::new(std::io::sink()), None, false, None)
-                }
-            },
+            SerialTarget::File(p) => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&p)
+                    .map_err(|e| {
+                        WorkerError::Config(format!(
+                            "cannot open serial output {}: {e}",
+                            p.display()
+                        ))
+                    })?;
+                (Box::new(f), None, false, None)
+            }
+            SerialTarget::Socket(p) => {
+                let h = console::SocketHub::bind(p.clone(), input_stop.clone()).map_err(|e| {
+                    WorkerError::Config(format!("cannot listen on {}: {e}", p.display()))
+                })?;
+                hub = Some(h.clone());
+                (Box::new(console::HubWriter(h)), None, false, None)
+            }
             SerialTarget::Stream { out, input } => (out, input, false, None),
             SerialTarget::None => (Box::new(std::io::sink()), None, false, None),
         };
-        Console {
+        Ok(Console {
             out: Arc::new(Mutex::new(out)),
+            hub,
             input: Mutex::new(input),
             escape,
             _raw: raw,
-            input_stop: Arc::new(AtomicBool::new(false)),
-        }
+            input_stop,
+        })
     }
 
     fn shutdown(&self) {
@@ -632,6 +645,9 @@ fn run_once(
             .spawn(move || devices::pit::Ticker::run(pit, time, irq0, stop))
             .map_err(|e| WorkerError::Host(format!("starting the PIT thread: {e}")))?
     };
+    if let Some(hub) = &console.hub {
+        hub.set_uart(uart.clone());
+    }
     if let Some(input) = console
         .input
         .lock()

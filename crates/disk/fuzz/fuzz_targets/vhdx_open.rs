@@ -19,7 +19,11 @@ fn template() -> &'static Vec<u8> {
     static T: OnceLock<Vec<u8>> = OnceLock::new();
     T.get_or_init(|| {
         let st = MemStorage::new(Vec::new(), 64 << 20);
-        let p = CreateParams { virtual_size: 4 << 20, block_size: 1 << 20, ..Default::default() };
+        let p = CreateParams {
+            virtual_size: 4 << 20,
+            block_size: 1 << 20,
+            ..Default::default()
+        };
         create_in(&st, &p).expect("template image");
         st.contents()
     })
@@ -28,7 +32,10 @@ fn template() -> &'static Vec<u8> {
 /// Recomputes the CRC-32C of both headers and both region tables.
 fn reseal(img: &mut [u8]) {
     use disk::vhdx::format::{crc32c_with_zeroed_field, HEADER_OFFSETS, REGION_TABLE_OFFSETS};
-    for (offs, len) in [(HEADER_OFFSETS, 4096usize), (REGION_TABLE_OFFSETS, 64 << 10)] {
+    for (offs, len) in [
+        (HEADER_OFFSETS, 4096usize),
+        (REGION_TABLE_OFFSETS, 64 << 10),
+    ] {
         for off in offs {
             let o = off as usize;
             if img.len() >= o + len {
@@ -40,10 +47,19 @@ fn reseal(img: &mut [u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&sel, rest)) = data.split_first() else { return };
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
     // Where to splice: file identifier/headers, region tables, log, metadata, BAT.
-    let at = [0u64, 64 << 10, 192 << 10, 1 << 20, 2 << 20, (2 << 20) + (64 << 10), 3 << 20]
-        [(sel & 7) as usize % 7] as usize;
+    let at = [
+        0u64,
+        64 << 10,
+        192 << 10,
+        1 << 20,
+        2 << 20,
+        (2 << 20) + (64 << 10),
+        3 << 20,
+    ][(sel & 7) as usize % 7] as usize;
     let mut img = template().clone();
     if sel & 0x80 != 0 {
         // Whole-file mode: the input is the file.
@@ -59,8 +75,14 @@ fuzz_target!(|data: &[u8]| {
     }
     let read_only = sel & 0x40 != 0;
     let st = Arc::new(MemStorage::new(img, 64 << 20));
-    let opts = OpenOptions { read_only, parent: ParentMode::Zeros, ..Default::default() };
-    let Ok(d) = Vhdx::open_storage(st, None, opts) else { return };
+    let opts = OpenOptions {
+        read_only,
+        parent: ParentMode::Zeros,
+        ..Default::default()
+    };
+    let Ok(d) = Vhdx::open_storage(st, None, opts) else {
+        return;
+    };
     let lss = d.logical_sector_size() as u64;
     let size = d.size();
     let mut buf = vec![0u8; 64 << 10];
