@@ -4,7 +4,7 @@
 use hypervisor::kvm_bindings::{kvm_regs, kvm_sregs, kvm_xsave};
 use hypervisor::Vp;
 use iced_x86::Register;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use x86emu::{Cpu, FpuState, MemFault, Mode, Outcome, QuirkCounters};
 
 /// Handles one emulation failure; Err stops the VM with the message.
@@ -245,6 +245,43 @@ impl Cpu for KvmCpu<'_> {
             mem.write_slice(&data[off..off + n], GuestAddress(gpa))
                 .map_err(|_| format!("emulated write of {gpa:#x} is outside guest RAM"))
         })
+    }
+    /// Atomic for real when the operand is naturally aligned (it then lies in one page): other
+    /// VPs run concurrently, so a read-then-write would lose updates.
+    fn cmpxchg_mem(
+        &mut self,
+        gva: u64,
+        size: usize,
+        expected: u128,
+        new: u128,
+    ) -> Result<u128, MemFault> {
+        if !(size == 8 || size == 16) || !gva.is_multiple_of(size as u64) {
+            let mut buf = [0u8; 16];
+            self.read_mem(gva, &mut buf[..size.min(16)])?;
+            let found = u128::from_le_bytes(buf);
+            let store = if found == expected { new } else { found };
+            self.write_mem(gva, &store.to_le_bytes()[..size.min(16)])?;
+            return Ok(found);
+        }
+        let gpa = self.translate(gva, true)?;
+        let host = self.mem.get_host_address(GuestAddress(gpa)).map_err(|_| {
+            MemFault::Unhandled(format!("locked access to {gpa:#x} outside guest RAM"))
+        })?;
+        // SAFETY: `host` points into guest RAM mapped for the VM's lifetime; the operand is
+        // naturally aligned so all `size` bytes are in the same page and the same region; the
+        // guest may access it concurrently, which is exactly what the locked instruction is for.
+        let found = unsafe {
+            if size == 16 {
+                x86emu::host::cmpxchg16b(host.cast::<u128>(), expected, new)
+            } else {
+                u128::from(x86emu::host::cmpxchg8b(
+                    host.cast::<u64>(),
+                    expected as u64,
+                    new as u64,
+                ))
+            }
+        };
+        Ok(found)
     }
     fn xcr0(&mut self) -> u64 {
         if self.xcr0.is_none() {
