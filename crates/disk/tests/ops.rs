@@ -4,7 +4,7 @@ mod common;
 
 use common::{assert_qemu_check, MIB};
 use disk::ops::{self, VhdType};
-use disk::{BlockBackend, CreateParams, DiskFormat, VhdxKind};
+use disk::{CreateParams, DiskFormat, VhdxKind};
 
 #[test]
 fn new_info_check_resize() {

@@ -184,11 +184,33 @@ pub fn run_vp(
 fn regs_line(vp: &Vp) -> String {
     match (vp.regs(), vp.sregs()) {
         (Ok(r), Ok(s)) => format!(
-            " [rip={:#x} rsp={:#x} cs={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}]",
-            r.rip, r.rsp, s.cs.selector, s.cr0, s.cr3, s.cr4, s.efer
+            " [rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}{}]",
+            r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr3, s.cr4, s.efer, lapic_line(vp)
         ),
         _ => String::new(),
     }
+}
+
+/// The VP's run state and the LAPIC registers that matter when interrupts go missing.
+fn lapic_line(vp: &Vp) -> String {
+    let (Ok(mp), Ok(l)) = (vp.mp_state(), vp.lapic()) else {
+        return String::new();
+    };
+    let reg = |off: usize| {
+        let b: Vec<u8> = l.regs[off..off + 4].iter().map(|&c| c as u8).collect();
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    };
+    format!(
+        " mp_state={} apic_id={:#x} svr={:#x} icr={:#x}:{:#x} esr={:#x} lvtt={:#x} tpr={:#x}",
+        mp.mp_state,
+        reg(0x20) >> 24,
+        reg(0xf0),
+        reg(0x310),
+        reg(0x300),
+        reg(0x280),
+        reg(0x320),
+        reg(0x80)
+    )
 }
 
 /// A debug exit we did not ask for: resume past it.

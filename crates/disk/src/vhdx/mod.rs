@@ -4,7 +4,7 @@
 //! that is held only to copy an entry out, never across I/O. Data reads and writes to allocated
 //! blocks therefore run in parallel with positional I/O. Everything that changes metadata
 //! (allocating a block, setting sector-bitmap bits, unmap, resize, header updates) is serialized
-//! by the `meta` mutex and goes through [`Vhdx::commit`], which journals it:
+//! by the `meta` mutex and goes through `Vhdx::commit`, which journals it:
 //!
 //! 1. payload data (and any file extension) is written and flushed first;
 //! 2. the log entry describing the new metadata sectors is written and flushed;
@@ -413,7 +413,7 @@ impl Vhdx {
             * geo.block_size
     }
 
-    /// Payload blocks and their state, for `check` and `merge`: (block, state, file offset).
+    /// Every payload block as (block number, BAT state, file offset), for `check`.
     pub fn block_states(&self) -> Vec<(u64, u64, u64)> {
         let s = rlock(&self.state);
         let geo = s.geo;
@@ -425,9 +425,10 @@ impl Vhdx {
             .collect()
     }
 
-    /// Ranges of the virtual disk whose data lives in this file (not in the parent), in
-    /// ascending order, as (offset, length). For a non-differencing disk: allocated or
-    /// explicitly zero blocks.
+    /// Ranges of the virtual disk that this file defines (rather than leaving to a parent), in
+    /// ascending order, as (offset, length, reads-as-zero). Data ranges come from present
+    /// blocks and set sector-bitmap bits; zero ranges from zero/unmapped blocks (and, in a
+    /// non-differencing disk, from blocks that are not allocated).
     pub fn present_ranges(&self) -> Result<Vec<(u64, u64, bool)>> {
         let (geo, states) = {
             let s = rlock(&self.state);
