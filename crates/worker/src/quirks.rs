@@ -226,6 +226,23 @@ impl Cpu for KvmCpu<'_> {
             _ => s.ds.base,
         }
     }
+    fn segment_descriptor(&mut self, selector: u16) -> Option<u64> {
+        let (base, limit) = if selector & 4 != 0 {
+            if self.sregs.ldt.unusable != 0 || self.sregs.ldt.present == 0 {
+                return None;
+            }
+            (self.sregs.ldt.base, self.sregs.ldt.limit)
+        } else {
+            (self.sregs.gdt.base, u32::from(self.sregs.gdt.limit))
+        };
+        let off = u64::from(selector & !7);
+        if off + 7 > u64::from(limit) {
+            return None;
+        }
+        let mut b = [0u8; 8];
+        self.read_mem(base.wrapping_add(off), &mut b).ok()?;
+        Some(u64::from_le_bytes(b))
+    }
     fn read_mem(&mut self, gva: u64, buf: &mut [u8]) -> Result<(), MemFault> {
         let mem = self.mem;
         let len = buf.len();

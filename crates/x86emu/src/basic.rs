@@ -25,6 +25,8 @@ pub(crate) fn exec<C: Cpu + ?Sized>(ctx: &mut Ctx<'_, C>, kind: Kind) -> Res<()>
         Kind::Cmpxchg8b => cmpxchg(ctx, 8),
         Kind::Cmpxchg16b => cmpxchg(ctx, 16),
         Kind::Xgetbv => xgetbv(ctx),
+        Kind::Verr => verify_segment(ctx, false),
+        Kind::Verw => verify_segment(ctx, true),
         other => Err(Stop::Unsupported(format!(
             "{other} is not a basic instruction"
         ))),
@@ -43,6 +45,44 @@ fn xgetbv<C: Cpu + ?Sized>(ctx: &mut Ctx<'_, C>) -> Res<()> {
     let v = ctx.cpu.xcr0();
     ctx.cpu.set_gpr(Register::RAX, v & 0xffff_ffff);
     ctx.cpu.set_gpr(Register::RDX, v >> 32);
+    Ok(())
+}
+
+/// VERR/VERW: ZF = 1 if the segment the 16-bit operand selects is readable (writable) at the
+/// current privilege level, else 0. Only ZF changes. (On the CPU VERW also clears
+/// microarchitectural buffers — Linux's MDS mitigation runs it for that alone; that side
+/// effect is the host's, not the guest-visible architecture's.) #UD in real and virtual-8086
+/// mode.
+fn verify_segment<C: Cpu + ?Sized>(ctx: &mut Ctx<'_, C>, write: bool) -> Res<()> {
+    if matches!(ctx.mode, Mode::Real | Mode::Virtual8086) {
+        return Err(ud());
+    }
+    let selector = if ctx.is_mem(0) {
+        ctx.load_mem(0, 2, 1)? as u16
+    } else {
+        ctx.read_gpr(ctx.reg(0)) as u16
+    };
+    let ok = selector & !3 != 0
+        && match ctx.cpu.segment_descriptor(selector) {
+            None => false,
+            Some(d) => {
+                let present = d & (1 << 47) != 0;
+                let system = d & (1 << 44) == 0;
+                let ty = (d >> 40) & 0xf;
+                let dpl = ((d >> 45) & 3) as u8;
+                let code = ty & 0x8 != 0;
+                let conforming = code && ty & 0x4 != 0;
+                let priv_ok = conforming || dpl >= ctx.cpu.cpl().max((selector & 3) as u8);
+                let access_ok = if write {
+                    !code && ty & 0x2 != 0
+                } else {
+                    !code || ty & 0x2 != 0
+                };
+                present && !system && priv_ok && access_ok
+            }
+        };
+    let f = ctx.cpu.rflags() & !RFLAGS_ZF;
+    ctx.cpu.set_rflags(if ok { f | RFLAGS_ZF } else { f });
     Ok(())
 }
 

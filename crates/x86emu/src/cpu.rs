@@ -197,6 +197,12 @@ pub trait Cpu {
     /// Base of segment `seg` (`ES`, `CS`, `SS`, `DS`, `FS`, `GS`). In 64-bit mode the emulator
     /// only asks for FS and GS. Segment limits and rights are not checked.
     fn segment_base(&self, seg: Register) -> u64;
+    /// The 8-byte descriptor `selector` names in the GDT or LDT, or None when the selector is
+    /// beyond the table's limit (or the table cannot be read). Used by `verr`/`verw`; the
+    /// default (no descriptor tables) makes them report "not accessible".
+    fn segment_descriptor(&mut self, _selector: u16) -> Option<u64> {
+        None
+    }
 
     /// Reads guest memory at a linear address (translating through the guest page tables with
     /// the current CPL and SMAP/RFLAGS.AC rules).

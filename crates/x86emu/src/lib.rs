@@ -208,6 +208,8 @@ pub(crate) fn classify(code: Code) -> Option<Kind> {
         Xrstor_mem | Xrstor64_mem => Kind::Xrstor,
         Xrstors_mem | Xrstors64_mem => Kind::Xrstors,
         Xgetbv => Kind::Xgetbv,
+        Verr_rm16 | Verr_r32m16 | Verr_r64m16 => Kind::Verr,
+        Verw_rm16 | Verw_r32m16 | Verw_r64m16 => Kind::Verw,
         other => return sse::classify(other),
     })
 }

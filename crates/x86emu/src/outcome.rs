@@ -30,11 +30,13 @@ pub enum Kind {
     Xrstor,
     Xrstors,
     Xgetbv,
+    Verr,
+    Verw,
 }
 
 impl Kind {
     /// Every kind, in counter/report order.
-    pub const ALL: [Kind; 22] = [
+    pub const ALL: [Kind; 24] = [
         Kind::Int3,
         Kind::Clac,
         Kind::Stac,
@@ -57,6 +59,8 @@ impl Kind {
         Kind::Xrstor,
         Kind::Xrstors,
         Kind::Xgetbv,
+        Kind::Verr,
+        Kind::Verw,
     ];
 
     /// Stable lower-case name, used in counter reports and logs.
@@ -84,6 +88,8 @@ impl Kind {
             Kind::Xrstor => "xrstor",
             Kind::Xrstors => "xrstors",
             Kind::Xgetbv => "xgetbv",
+            Kind::Verr => "verr",
+            Kind::Verw => "verw",
         }
     }
 

@@ -664,3 +664,44 @@ fn xgetbv_reads_xcr0_and_checks_osxsave_and_index() {
         o => panic!("{o:?}"),
     }
 }
+
+#[test]
+fn verw_and_verr_check_the_descriptor_and_set_only_zf() {
+    // verw [rip+0x10] with the selector in memory; verw ax; verr ax.
+    let mut cpu = MockCpu::new();
+    cpu.gdt.insert(2, 0x00af_9b00_0000_ffff); // kernel code (readable, not writable)
+    cpu.gdt.insert(3, 0x00cf_9300_0000_ffff); // kernel data, DPL 0, writable
+    cpu.gdt.insert(5, 0x00cf_f300_0000_ffff); // user data, DPL 3
+    let verw_ax = i64("0f 00 e8", "verw eax");
+    let verr_ax = i64("0f 00 e0", "verr eax");
+    let check = |cpu: &mut MockCpu, bytes: &[u8], sel: u64, want_zf: bool| {
+        cpu.set(RAX, sel);
+        cpu.rflags = 0x2 | ARITH;
+        let k = cpu.run(bytes);
+        assert!(matches!(k, Outcome::Done(Kind::Verw | Kind::Verr)), "{k:?}");
+        assert_eq!(cpu.rflags & RFLAGS_ZF != 0, want_zf, "selector {sel:#x}");
+        assert_eq!(
+            cpu.rflags & (ARITH & !RFLAGS_ZF),
+            ARITH & !RFLAGS_ZF,
+            "other flags untouched"
+        );
+    };
+    check(&mut cpu, &verw_ax, 0x18, true);
+    check(&mut cpu, &verw_ax, 0x10, false); // code is never writable
+    check(&mut cpu, &verr_ax, 0x10, true); // but readable
+    check(&mut cpu, &verw_ax, 0x0, false); // null selector
+    check(&mut cpu, &verw_ax, 0x40, false); // beyond the table
+    check(&mut cpu, &verw_ax, 0x2b, true); // user data from ring 0
+    cpu.cpl = 3;
+    check(&mut cpu, &verw_ax, 0x18, false); // DPL 0 from ring 3
+                                            // Memory operand form, as Linux's mds_clear_cpu_buffers uses.
+    let mut cpu = MockCpu::new();
+    cpu.gdt.insert(3, 0x00cf_9300_0000_ffff);
+    let bytes = i64("0f 00 2d 00 01 00 00", "verw [107h]");
+    let at = cpu.rip + 7 + 0x100;
+    cpu.map(at & !0xfff, 4096);
+    cpu.poke(at, &0x18u16.to_le_bytes());
+    cpu.rflags = 0x2;
+    assert_eq!(cpu.run(&bytes), Outcome::Done(Kind::Verw));
+    assert_ne!(cpu.rflags & RFLAGS_ZF, 0);
+}

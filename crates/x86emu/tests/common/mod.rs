@@ -47,6 +47,8 @@ pub struct MockCpu {
     pub readonly: BTreeSet<u64>,
     /// Pages that behave like MMIO (the backend cannot do the access).
     pub mmio: BTreeSet<u64>,
+    /// GDT entries by index (for verr/verw).
+    pub gdt: BTreeMap<u16, u64>,
 }
 
 impl MockCpu {
@@ -68,6 +70,7 @@ impl MockCpu {
             xmm: [0; 16],
             ymmh: [0; 16],
             fpu: FpuState::default(),
+            gdt: BTreeMap::new(),
             layouts: BTreeMap::from([(2, AVX_LAYOUT)]),
             other: BTreeMap::new(),
             pages: BTreeMap::new(),
@@ -190,6 +193,9 @@ impl Cpu for MockCpu {
     }
     fn mode(&self) -> Mode {
         self.mode
+    }
+    fn segment_descriptor(&mut self, selector: u16) -> Option<u64> {
+        self.gdt.get(&(selector >> 3)).copied()
     }
     fn cpl(&self) -> u8 {
         self.cpl
