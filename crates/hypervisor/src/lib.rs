@@ -217,11 +217,20 @@ impl MapHandle {
     }
 }
 
-/// A set of MSRs that must exit to user space on read and/or write even though KVM knows them.
+/// MSRs that must exit to user space even though KVM may know them: ranges of consecutive
+/// indices, each intercepted on read and/or write.
 #[derive(Debug, Clone, Default)]
 pub struct MsrIntercepts {
-    pub write: Vec<u32>,
-    pub read: Vec<u32>,
+    pub ranges: Vec<MsrRange>,
+}
+
+/// `count` MSRs from `base`.
+#[derive(Debug, Clone, Copy)]
+pub struct MsrRange {
+    pub base: u32,
+    pub count: u32,
+    pub read: bool,
+    pub write: bool,
 }
 
 impl Partition {
@@ -385,35 +394,36 @@ impl Partition {
         )
     }
 
-    /// Makes the listed MSRs exit to user space (everything else keeps KVM's handling).
+    /// Makes the listed MSR ranges exit to user space (everything else keeps KVM's handling).
     pub fn set_msr_intercepts(&self, msrs: &MsrIntercepts) -> Result<()> {
-        // One range per MSR with a one-bit bitmap whose bit is 0 = "deny" = exit to user space
-        // (user-space MSR exits are enabled for filter denials at partition creation).
-        let zero = [0u8; 1];
+        if msrs.ranges.len() > kvm_bindings::KVM_MSR_FILTER_MAX_RANGES as usize {
+            return Err(Error::Invalid("too many intercepted MSR ranges".into()));
+        }
+        // A bitmap of zeros means "deny", which (with user-space MSR exits enabled for filter
+        // denials at partition creation) exits to user space instead of injecting #GP.
+        let bitmaps: Vec<Vec<u8>> = msrs
+            .ranges
+            .iter()
+            .map(|r| vec![0u8; r.count.div_ceil(8) as usize])
+            .collect();
         let mut ranges = Vec::new();
-        for &m in &msrs.write {
-            let both = msrs.read.contains(&m);
+        for (r, bitmap) in msrs.ranges.iter().zip(&bitmaps) {
+            let mut flags = MsrFilterRangeFlags::empty();
+            if r.read {
+                flags |= MsrFilterRangeFlags::READ;
+            }
+            if r.write {
+                flags |= MsrFilterRangeFlags::WRITE;
+            }
+            if flags.is_empty() || r.count == 0 {
+                continue;
+            }
             ranges.push(MsrFilterRange {
-                flags: if both {
-                    MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE
-                } else {
-                    MsrFilterRangeFlags::WRITE
-                },
-                base: m,
-                msr_count: 1,
-                bitmap: &zero,
+                flags,
+                base: r.base,
+                msr_count: r.count,
+                bitmap,
             });
-        }
-        for &m in msrs.read.iter().filter(|m| !msrs.write.contains(m)) {
-            ranges.push(MsrFilterRange {
-                flags: MsrFilterRangeFlags::READ,
-                base: m,
-                msr_count: 1,
-                bitmap: &zero,
-            });
-        }
-        if ranges.len() > kvm_bindings::KVM_MSR_FILTER_MAX_RANGES as usize {
-            return Err(Error::Invalid("too many intercepted MSRs".into()));
         }
         self.vm
             .set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)

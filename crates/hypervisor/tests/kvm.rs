@@ -144,8 +144,12 @@ fn msr_intercepts_reach_user_space_and_can_refuse() {
     ];
     let (part, mut vp, _ram) = setup(&code, false);
     part.set_msr_intercepts(&MsrIntercepts {
-        write: vec![0xc000_0082],
-        read: vec![],
+        ranges: vec![hypervisor::MsrRange {
+            base: 0xc000_0082,
+            count: 1,
+            read: false,
+            write: true,
+        }],
     })
     .unwrap();
     match vp.run().unwrap() {

@@ -73,6 +73,9 @@ struct RunArgs {
     /// Do not append the kernel parameters this host requires of Linux guests.
     #[arg(long)]
     no_host_kernel_params: bool,
+    /// A plain PC: no Hyper-V synthetic interface (for guests that are not enlightened).
+    #[arg(long)]
+    no_enlightenments: bool,
 }
 
 fn serial_target(s: &str) -> Result<worker::SerialTarget, String> {
@@ -115,6 +118,7 @@ fn run(a: RunArgs) -> ExitCode {
         time_scale: a.time_scale,
         host_decompress: !a.no_host_decompress,
         host_kernel_params: !a.no_host_kernel_params,
+        enlightenments: !a.no_enlightenments,
     };
     match worker::run(cfg) {
         Ok(s) => {

@@ -151,3 +151,17 @@ fn console_on_a_unix_socket_replays_output_to_a_late_client() {
     );
     assert!(!sock.exists() || std::fs::metadata(&sock).is_ok());
 }
+
+#[test]
+fn enlightened_partition_presents_the_hyper_v_interface() {
+    let (code, com1, err) = run_test_guest("hyperv", 1, &[]);
+    assert_eq!(code, 0, "{err}");
+    let t = text(&com1);
+    assert!(!t.contains("FAIL"), "{t}");
+    assert!(t.ends_with("hyperv: ok\n"), "{t}");
+    assert!(err.contains("hypercalls: 2"), "{err}");
+    // A plain PC shows no trace of it.
+    let (code, com1, err) = run_test_guest("hyperv", 1, &["--no-enlightenments"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(text(&com1), "hyperv: absent\n");
+}

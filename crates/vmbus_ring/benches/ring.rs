@@ -58,7 +58,7 @@ fn run(payload_len: usize, ring_len: u32, duration: Duration) -> (u64, Duration)
     let mut w = RingWriter::new(&shared.mem).unwrap();
     let start = Instant::now();
     let mut sent = 0u64;
-    let mut write = |id: u64, w: &mut RingWriter<&RawRingMem>| loop {
+    let write = |id: u64, w: &mut RingWriter<&RawRingMem>| loop {
         match w.try_write(&OutgoingPacket::in_band(id, &payload, false)) {
             Ok(_) => break,
             Err(WriteError::Full { .. }) => std::hint::spin_loop(),

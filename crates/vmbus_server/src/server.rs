@@ -232,6 +232,12 @@ fn control_thread(inner: &Inner, mut core: ServerCore) {
             };
             (commands, messages)
         };
+        // Guest messages first: a host request made after a guest message was posted sees
+        // its effect (tests rely on `status()` as a barrier).
+        for m in messages {
+            core.handle_message(m.vp, m.connection_id, &m.data[..m.len]);
+            core.flush();
+        }
         for c in commands {
             match c {
                 Command::Add(vsp, tx) => {
@@ -248,10 +254,6 @@ fn control_thread(inner: &Inner, mut core: ServerCore) {
                     let _ = tx.send(());
                 }
             }
-            core.flush();
-        }
-        for m in messages {
-            core.handle_message(m.vp, m.connection_id, &m.data[..m.len]);
             core.flush();
         }
         core.flush();

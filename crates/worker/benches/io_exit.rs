@@ -77,6 +77,7 @@ fn through_worker(n: u64) -> f64 {
         time_scale: None,
         host_decompress: true,
         host_kernel_params: true,
+        enlightenments: false,
     })
     .unwrap();
     assert_eq!(s.reason, worker::StopReason::PowerOff);

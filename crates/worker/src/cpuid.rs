@@ -87,6 +87,24 @@ pub fn has(regs: [u32; 4], feat: &Feature) -> bool {
     v & (1 << feat.bit) != 0
 }
 
+/// The CPUID table for VP `apic_id`, plus `extra` leaves (the Hyper-V leaves of an
+/// enlightened partition).
+pub fn policy_with(supported: &CpuId, apic_id: u32, extra: &[(u32, [u32; 4])]) -> CpuId {
+    let base = policy(supported, apic_id);
+    let mut entries = base.as_slice().to_vec();
+    for &(function, r) in extra {
+        entries.push(kvm_cpuid_entry2 {
+            function,
+            eax: r[0],
+            ebx: r[1],
+            ecx: r[2],
+            edx: r[3],
+            ..Default::default()
+        });
+    }
+    CpuId::from_entries(&entries).unwrap_or(base)
+}
+
 /// The CPUID table for VP `apic_id`.
 pub fn policy(supported: &CpuId, apic_id: u32) -> CpuId {
     let mut entries: Vec<kvm_cpuid_entry2> = supported

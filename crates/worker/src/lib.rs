@@ -16,6 +16,7 @@ pub mod acpi;
 pub mod boot;
 pub mod console;
 pub mod cpuid;
+pub mod enlightened;
 pub mod host;
 pub mod layout;
 mod quirks;
@@ -55,6 +56,8 @@ pub struct VmConfig {
     pub host_decompress: bool,
     /// Append the kernel parameters this host requires of a Linux guest (see `host.rs`).
     pub host_kernel_params: bool,
+    /// Present the Hyper-V synthetic interface (an enlightened partition); off = a plain PC.
+    pub enlightenments: bool,
 }
 
 /// Why the VM stopped.
@@ -123,6 +126,7 @@ pub struct Stats {
     pub msr_exits: u64,
     pub unclaimed_io: u64,
     pub syscall_fixups: u64,
+    pub hypercalls: u64,
     pub quirks: x86emu::QuirkCounters,
 }
 
@@ -133,15 +137,17 @@ impl Stats {
         self.msr_exits += o.msr_exits;
         self.unclaimed_io += o.unclaimed_io;
         self.syscall_fixups += o.syscall_fixups;
+        self.hypercalls += o.hypercalls;
         self.quirks.merge(&o.quirks);
     }
 
     /// One line: "quirks handled: clac=12 stac=12 ...; syscall fix-ups: 500".
     pub fn report(&self) -> String {
         format!(
-            "quirks handled: {}; syscall fix-ups: {}; exits: io={} mmio={} msr={}",
+            "quirks handled: {}; syscall fix-ups: {}; hypercalls: {}; exits: io={} mmio={} msr={}",
             self.quirks.report(),
             self.syscall_fixups,
+            self.hypercalls,
             self.io_exits,
             self.mmio_exits,
             self.msr_exits
@@ -499,7 +505,12 @@ fn run_once(
         }
         None => None,
     };
-    let (tables, rsdp) = acpi::build(cfg.cpus, &[]).map_err(WorkerError::Config)?;
+    let extra_aml = if cfg.enlightenments {
+        vec![enlightened::vmbus_acpi_device()]
+    } else {
+        vec![]
+    };
+    let (tables, rsdp) = acpi::build(cfg.cpus, &extra_aml).map_err(WorkerError::Config)?;
     for (gpa, blob) in &tables {
         vm_memory::Bytes::write_slice(&*mem, blob, GuestAddress(*gpa))
             .map_err(|e| WorkerError::Host(format!("writing ACPI tables: {e}")))?;
@@ -597,13 +608,52 @@ fn run_once(
     } else {
         None
     };
+    let mut msr_ranges = Vec::new();
     if facts.syscall_broken {
-        part.set_msr_intercepts(&MsrIntercepts {
-            write: vec![trampoline::MSR_LSTAR],
-            read: vec![],
-        })
-        .map_err(herr("installing the SYSCALL fix-up"))?;
+        msr_ranges.push(hypervisor::MsrRange {
+            base: trampoline::MSR_LSTAR,
+            count: 1,
+            read: false,
+            write: true,
+        });
     }
+    // The enlightened partition: hv1 behind the synthetic MSRs, the hypercall port and CPUID.
+    let tsc_clock = Arc::new(enlightened::GuestTsc::default());
+    let enl = if cfg.enlightenments {
+        msr_ranges.push(hypervisor::MsrRange {
+            base: enlightened::SYNTHETIC_MSRS.0,
+            count: enlightened::SYNTHETIC_MSRS.1,
+            read: true,
+            write: true,
+        });
+        let hv = hv1::Hv1::new(
+            hv1::Config {
+                vp_count: cfg.cpus,
+                tsc_hz: u64::from(facts.tsc_khz) * 1000,
+                time_scale: scale,
+            },
+            tsc_clock.clone(),
+        )
+        .map_err(|e| WorkerError::Host(format!("synthetic interface: {e}")))?;
+        Some(Arc::new(enlightened::Enlightened {
+            hv,
+            ram: enlightened::Ram(mem.clone()),
+            irq: enlightened::Irq(part.clone()),
+            handler: Arc::new(enlightened::NoVmbus),
+        }))
+    } else {
+        None
+    };
+    if !msr_ranges.is_empty() {
+        part.set_msr_intercepts(&MsrIntercepts { ranges: msr_ranges })
+            .map_err(herr("installing MSR intercepts"))?;
+    }
+    let hv_leaves: Vec<(u32, [u32; 4])> = match &enl {
+        Some(e) => (0x4000_0000..=0x4000_000a)
+            .filter_map(|l| e.hv.cpuid(l, 0).map(|r| (l, r)))
+            .collect(),
+        None => Vec::new(),
+    };
 
     // VPs.
     let supported = hv
@@ -612,11 +662,17 @@ fn run_once(
     let mut vps = Vec::new();
     for i in 0..cfg.cpus {
         let vp = part.create_vp(i).map_err(herr("creating a VP"))?;
-        vp.set_cpuid(&cpuid::policy(&supported, i))
+        vp.set_cpuid(&cpuid::policy_with(&supported, i, &hv_leaves))
             .map_err(herr("setting CPUID"))?;
         // Fast strings on; everything else as KVM resets it.
         vp.set_msrs(&[(0x1a0, 1)]).map_err(herr("setting MSRs"))?;
         if i == 0 {
+            // The guest TSC's offset from ours, for the reference time (hv1's clock).
+            let guest = vp.get_msrs(&[0x10]).map_err(herr("reading the TSC"))?[0];
+            let host = enlightened::host_tsc();
+            tsc_clock
+                .offset
+                .store(guest.wrapping_sub(host) as i64, Ordering::Relaxed);
             let mut sregs = vp.sregs().map_err(herr("reading registers"))?;
             let mut regs = vp.regs().map_err(herr("reading registers"))?;
             boot::entry_registers(&mut sregs, &mut regs, loaded.entry);
@@ -669,6 +725,7 @@ fn run_once(
             bus: bus.clone(),
             mem: mem.clone(),
             syscall_fixup: syscall_fixup.clone(),
+            enlightened: enl.clone(),
         };
         let control = control.clone();
         let index = vp.index();

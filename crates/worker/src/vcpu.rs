@@ -14,6 +14,8 @@ pub struct VpContext {
     pub mem: Arc<GuestMemoryMmap>,
     /// Installed when this host's SYSCALL is broken (see [`crate::trampoline`]).
     pub syscall_fixup: Option<Arc<crate::trampoline::Trampoline>>,
+    /// The synthetic interface, in an enlightened partition.
+    pub enlightened: Option<Arc<crate::enlightened::Enlightened>>,
 }
 
 /// Work that needs the VP after the intercept's borrow of it ends.
@@ -23,6 +25,7 @@ enum Deferred {
     Quirk(Option<([u8; 15], usize)>),
     Debug,
     Trampoline,
+    Hypercall,
 }
 
 /// Runs until the VM stops; returns why (if this VP caused the stop) and its counters.
@@ -55,7 +58,15 @@ pub fn run_vp(
             }
             Intercept::IoOut { port, data } => {
                 stats.io_exits += 1;
-                if !ctx.bus.write(port, data) {
+                if port == hv1::Hv1::HYPERCALL_PORT
+                    && data.len() == 1
+                    && ctx
+                        .enlightened
+                        .as_ref()
+                        .is_some_and(|e| e.hv.hypercalls_enabled())
+                {
+                    deferred = Deferred::Hypercall;
+                } else if !ctx.bus.write(port, data) {
                     stats.unclaimed_io += 1;
                 }
             }
@@ -69,9 +80,23 @@ pub fn run_vp(
                 }
             }
             Intercept::MmioWrite { .. } => stats.mmio_exits += 1,
-            Intercept::MsrRead { error, .. } => {
+            Intercept::MsrRead {
+                index: msr,
+                value,
+                error,
+            } => {
                 stats.msr_exits += 1;
-                *error = 1; // unknown MSR: #GP, as hardware
+                match ctx
+                    .enlightened
+                    .as_ref()
+                    .and_then(|e| e.hv.rdmsr(index, msr))
+                {
+                    Some(v) => {
+                        *value = v;
+                        *error = 0;
+                    }
+                    None => *error = 1, // unknown MSR: #GP, as hardware
+                }
             }
             Intercept::MsrWrite {
                 index: msr,
@@ -82,6 +107,8 @@ pub fn run_vp(
                 if msr == MSR_LSTAR && ctx.syscall_fixup.is_some() {
                     *error = 0;
                     deferred = Deferred::SetLstar(value);
+                } else if let Some(e) = &ctx.enlightened {
+                    *error = u8::from(e.hv.wrmsr(index, msr, value, &e.ram, &e.irq).is_err());
                 } else {
                     *error = 1;
                 }
@@ -164,6 +191,13 @@ pub fn run_vp(
                 }
             },
             Deferred::Debug => resume_after_debug(&vp),
+            Deferred::Hypercall => match &ctx.enlightened {
+                Some(e) => {
+                    stats.hypercalls += 1;
+                    hypercall(&mut vp, e)
+                }
+                None => Ok(()),
+            },
             Deferred::Trampoline => match &ctx.syscall_fixup {
                 Some(t) => {
                     stats.syscall_fixups += 1;
@@ -211,6 +245,23 @@ fn lapic_line(vp: &Vp) -> String {
         reg(0x320),
         reg(0x80)
     )
+}
+
+/// The hypercall page's `out` exited: finish it, run the hypercall, return the status in RAX.
+fn hypercall(vp: &mut Vp, e: &crate::enlightened::Enlightened) -> hypervisor::Result<()> {
+    vp.complete_pending()?;
+    let mut regs = vp.regs()?;
+    let mut h = hv1::HypercallRegs {
+        rax: regs.rax,
+        rcx: regs.rcx,
+        rdx: regs.rdx,
+        r8: regs.r8,
+    };
+    if e.hv.hypercall(vp.index(), &mut h, &e.ram, &*e.handler) {
+        regs.rax = h.rax;
+        vp.set_regs(&regs)?;
+    }
+    Ok(())
 }
 
 /// A debug exit we did not ask for: resume past it.

@@ -101,6 +101,7 @@ extern "C" fn kmain(boot_params: u64) -> ! {
     let name = boot::test_name();
     match name {
         b"hello" => cases::hello::run(),
+        b"hyperv" => cases::hyperv::run(),
         b"ioloop" => cases::ioloop::run(),
         b"serial" => cases::serial::run(),
         b"timer" => cases::timer::run(),

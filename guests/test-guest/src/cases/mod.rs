@@ -3,6 +3,7 @@
 
 pub mod devices;
 pub mod hello;
+pub mod hyperv;
 pub mod ioloop;
 pub mod quirks;
 pub mod reset;
