@@ -588,21 +588,28 @@ impl<M: RingMem> ClientChannel<M> {
         timeout_ms: u64,
     ) -> Result<(), ClientError> {
         let start = hv.now_ms();
+        let mut pending = false;
         loop {
             match self.try_send(hv, packet) {
                 Ok(()) => {
-                    self.out.set_pending_send_size(0);
+                    if pending {
+                        self.out.set_pending_send_size(0);
+                    }
                     return Ok(());
                 }
                 Err(WriteError::Full { needed }) => {
-                    self.out.set_pending_send_size(needed);
-                    if self.out.free_bytes().map_err(ClientError::Write)? > needed {
+                    if !pending {
+                        // Ask the host to signal once there is room, then look again before
+                        // sleeping: it may have made room already.
+                        self.out.set_pending_send_size(needed);
+                        pending = true;
                         continue;
                     }
                 }
                 Err(e) => return Err(ClientError::Write(e)),
             }
             if hv.now_ms().saturating_sub(start) > timeout_ms {
+                self.out.set_pending_send_size(0);
                 return Err(ClientError::Timeout);
             }
             if !hv.take_event(VMBUS_MESSAGE_SINT, self.relid) {
@@ -647,5 +654,165 @@ impl<M: RingMem> ClientChannel<M> {
             }
         }
         self.try_recv(hv, buf).map_err(ClientError::Read)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::collections::VecDeque;
+    use std::vec::Vec;
+
+    use vmbus_protocol::{GpadlCreated, VersionResponse, VERSION_WIN10_V4_1};
+
+    use super::*;
+
+    /// A scripted host: records posts, answers through `respond`.
+    struct Scripted<F> {
+        posts: Vec<(u32, Vec<u8>)>,
+        inbox: VecDeque<MessageBuf>,
+        respond: F,
+        now: u64,
+    }
+
+    impl<F: FnMut(u32, &[u8], &mut VecDeque<MessageBuf>) -> u16> HvGuest for Scripted<F> {
+        fn post_message(&mut self, conn: u32, message_type: u32, payload: &[u8]) -> u16 {
+            assert_eq!(message_type, HV_MESSAGE_TYPE_VMBUS);
+            assert!(payload.len() <= MAX_MESSAGE_SIZE);
+            self.posts.push((conn, payload.to_vec()));
+            (self.respond)(conn, payload, &mut self.inbox)
+        }
+        fn signal_event(&mut self, _: u32, _: u16) -> u16 {
+            0
+        }
+        fn take_message(&mut self, sint: u8, buf: &mut [u8; MAX_MESSAGE_SIZE]) -> Option<usize> {
+            assert_eq!(sint, VMBUS_MESSAGE_SINT);
+            let m = self.inbox.pop_front()?;
+            buf[..m.len()].copy_from_slice(m.as_bytes());
+            Some(m.len())
+        }
+        fn take_event(&mut self, _: u8, _: u32) -> bool {
+            false
+        }
+        fn wait(&mut self) {
+            self.now += 10;
+        }
+        fn now_ms(&mut self) -> u64 {
+            self.now
+        }
+    }
+
+    fn scripted<F>(respond: F) -> VmbusClient<Scripted<F>>
+    where
+        F: FnMut(u32, &[u8], &mut VecDeque<MessageBuf>) -> u16,
+    {
+        VmbusClient::new(
+            Scripted {
+                posts: Vec::new(),
+                inbox: VecDeque::new(),
+                respond,
+                now: 0,
+            },
+            ClientConfig {
+                timeout_ms: 1000,
+                ..ClientConfig::default()
+            },
+        )
+    }
+
+    fn version_response(ok: bool, conn: u32) -> MessageBuf {
+        MessageBuf::new(&VersionResponse {
+            version_supported: u8::from(ok),
+            connection_state: 0,
+            padding: U16::new(0),
+            msg_conn_id: U32::new(conn),
+        })
+    }
+
+    #[test]
+    fn connect_walks_down_the_versions() {
+        // A host without connection id 4, which refuses 4.1 and accepts 4.0.
+        let mut c = scripted(|conn, payload, inbox| {
+            if conn == 4 {
+                return HV_STATUS_INVALID_CONNECTION_ID;
+            }
+            let Ok(ChannelMessage::InitiateContact(ic)) = parse(payload) else {
+                panic!("expected INITIATE_CONTACT")
+            };
+            let v = ic.version_requested.get();
+            inbox.push_back(version_response(v == vmbus_protocol::VERSION_WIN10, 0));
+            0
+        });
+        assert_eq!(c.connect(), Ok(vmbus_protocol::VERSION_WIN10));
+        assert_eq!(c.message_connection_id(), 1);
+        let tried: Vec<(u32, u32)> = c
+            .hv()
+            .posts
+            .iter()
+            .map(|(conn, p)| match parse(p) {
+                Ok(ChannelMessage::InitiateContact(ic)) => (*conn, ic.version_requested.get()),
+                _ => panic!(),
+            })
+            .collect();
+        assert_eq!(
+            tried,
+            [
+                (4, VERSION_WIN10_V5_3),
+                (4, vmbus_protocol::VERSION_WIN10_V5_2),
+                (4, vmbus_protocol::VERSION_WIN10_V5_1),
+                (4, VERSION_WIN10_V5),
+                (1, VERSION_WIN10_V4_1),
+                (1, vmbus_protocol::VERSION_WIN10),
+            ]
+        );
+    }
+
+    #[test]
+    fn silent_host_times_out() {
+        let mut c = scripted(|_, _, _| 0);
+        assert_eq!(c.connect(), Err(ClientError::Timeout));
+        // Not connected: requests are refused locally.
+        assert_eq!(c.request_offers(), Err(ClientError::NotConnected));
+    }
+
+    #[test]
+    fn gpadl_is_split_into_header_and_bodies() {
+        let mut pfns_seen: Vec<u64> = Vec::new();
+        let mut c = scripted(move |_, payload, inbox| {
+            match parse(payload).unwrap() {
+                ChannelMessage::InitiateContact(_) => inbox.push_back(version_response(true, 4)),
+                ChannelMessage::GpadlHeader(h, data) => {
+                    assert_eq!(h.range_buflen.get(), 8 + 8 * 60);
+                    for c in data[8..].chunks(8) {
+                        pfns_seen.push(u64::from_le_bytes(c.try_into().unwrap()));
+                    }
+                }
+                ChannelMessage::GpadlBody(b, pfns) => {
+                    pfns_seen.extend(pfns.iter().map(|p| p.get()));
+                    if pfns_seen.len() == 60 {
+                        assert!(pfns_seen.iter().copied().eq(100..160));
+                        inbox.push_back(MessageBuf::new(&GpadlCreated {
+                            child_relid: U32::new(3),
+                            gpadl: b.gpadl,
+                            creation_status: U32::new(0),
+                        }));
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+            0
+        });
+        c.connect().unwrap();
+        let pfns: Vec<u64> = (100..160).collect();
+        let id = c.create_gpadl(3, &pfns, 60 * 4096, 0).unwrap();
+        assert_eq!(id, 0xE1E10);
+        // Header with 26 PFNs, then bodies of 28 and 6.
+        let sizes: Vec<usize> = c.hv().posts[1..].iter().map(|(_, p)| p.len()).collect();
+        assert_eq!(sizes, [20 + 8 + 26 * 8, 16 + 28 * 8, 16 + 6 * 8]);
+        // A range whose page count does not match is refused before anything is sent.
+        assert_eq!(
+            c.create_gpadl(3, &pfns[..2], 3 * 4096, 0),
+            Err(ClientError::BadRange)
+        );
     }
 }

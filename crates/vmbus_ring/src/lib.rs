@@ -38,14 +38,14 @@ mod ring;
 
 pub use mem::{RawRingMem, RingMem};
 pub use packet::{
-    encoded_len, parse_packet, GpaRange, GpaRanges, OutgoingGpaRange, OutgoingKind, OutgoingPacket,
-    Packet, PacketDescriptor, PacketError, PacketKind, TransferPageRange, TransferPages,
-    FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION, PACKET_TYPE_DATA_INBAND,
+    encoded_len, parse_packet, GpaRange, GpaRangeIter, GpaRanges, OutgoingGpaRange, OutgoingKind,
+    OutgoingPacket, Packet, PacketDescriptor, PacketError, PacketKind, TransferPageRange,
+    TransferPages, FLAG_COMPLETION_REQUESTED, PACKET_TYPE_COMPLETION, PACKET_TYPE_DATA_INBAND,
     PACKET_TYPE_DATA_USING_GPA_DIRECT, PACKET_TYPE_DATA_USING_TRANSFER_PAGES,
 };
 pub use ring::{
-    CorruptReason, ReadError, ReadOutcome, RingError, RingReader, RingWriter, WriteError,
-    WriteOutcome,
+    CorruptReason, PeekedPacket, ReadError, ReadOutcome, RingError, RingReader, RingWriter,
+    WriteError, WriteOutcome,
 };
 
 /// Size of the ring header page; the data area starts right after it.

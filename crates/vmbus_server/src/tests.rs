@@ -26,6 +26,8 @@ struct VspLog {
     closes: u32,
     user_data: Vec<u8>,
     errors: Vec<String>,
+    /// Packets of kinds the VSP does not answer.
+    ignored: u32,
 }
 
 /// Echoes in-band packets, completes requests, checksums GPA-direct buffers (and stamps
@@ -39,6 +41,8 @@ struct EchoVsp {
     /// In `open`, set the first flag and block until the second is set (to stall the
     /// control thread).
     gate: Option<(Arc<AtomicBool>, Arc<AtomicBool>)>,
+    /// The serving thread reads nothing until this is set.
+    hold_reads: Option<Arc<AtomicBool>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -53,6 +57,7 @@ impl EchoVsp {
                 flood: 0,
                 refuse: false,
                 gate: None,
+                hold_reads: None,
                 thread: None,
             }),
             log,
@@ -60,12 +65,19 @@ impl EchoVsp {
     }
 }
 
-fn serve(ch: Channel, log: Arc<Mutex<VspLog>>, flood: u32) {
+fn serve(ch: Channel, log: Arc<Mutex<VspLog>>, flood: u32, hold: Option<Arc<AtomicBool>>) {
     let fail = |e: ChannelError| {
         if e != ChannelError::Closed {
             log.lock().unwrap().errors.push(e.to_string());
         }
     };
+    if let Some(hold) = hold {
+        while !hold.load(Ordering::SeqCst) {
+            if ch.wait_timeout(Duration::from_millis(1)) == Err(ChannelError::Closed) {
+                return;
+            }
+        }
+    }
     for i in 0..flood {
         let payload = [i as u8; 200];
         if let Err(e) = ch.send_inband(u64::from(i), &payload, false) {
@@ -112,7 +124,10 @@ fn serve(ch: Channel, log: Arc<Mutex<VspLog>>, flood: u32) {
                         }
                     }
                 }
-                _ => Ok(()),
+                _ => {
+                    log.lock().unwrap().ignored += 1;
+                    Ok(())
+                }
             };
             if let Err(e) = r {
                 return fail(e);
@@ -151,7 +166,8 @@ impl Vsp for EchoVsp {
         }
         let log = self.log.clone();
         let flood = self.flood;
-        self.thread = Some(std::thread::spawn(move || serve(channel, log, flood)));
+        let hold = self.hold_reads.clone();
+        self.thread = Some(std::thread::spawn(move || serve(channel, log, flood, hold)));
         Ok(())
     }
     fn close(&mut self) {
@@ -584,6 +600,53 @@ fn full_host_ring_waits_for_the_guest() {
         }
     }
     assert!(log.lock().unwrap().errors.is_empty());
+}
+
+#[test]
+fn full_guest_ring_is_signalled_when_the_host_reads() {
+    let mut h = harness(1);
+    let (mut vsp, log) = EchoVsp::new(0);
+    let hold = Arc::new(AtomicBool::new(false));
+    vsp.hold_reads = Some(hold.clone());
+    h.server.add_device(vsp).unwrap();
+    h.client.connect().unwrap();
+    h.client.request_offers().unwrap();
+    let offer = *h.client.offer(1).unwrap();
+    // Guest -> host ring: one data page; 100 packets of 240 bytes do not fit.
+    let (mut ch, _) = h.open(&offer, 2, 2).unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        hold.store(true, Ordering::SeqCst);
+    });
+    let ranges = [vmbus_ring::TransferPageRange {
+        byte_count: U32::new(1),
+        byte_offset: U32::new(0),
+    }];
+    let hv = h.client.hv();
+    for i in 0..100u64 {
+        ch.send(
+            hv,
+            &OutgoingPacket {
+                kind: OutgoingKind::TransferPages {
+                    pageset_id: 1,
+                    sender_owns_set: false,
+                    ranges: &ranges,
+                },
+                flags: 0,
+                transaction_id: i,
+                payload: &[0x77; 200],
+            },
+            TIMEOUT_MS,
+        )
+        .unwrap();
+    }
+    release.join().unwrap();
+    wait_until("the VSP to read everything", || {
+        log.lock().unwrap().ignored == 100
+    });
+    assert!(log.lock().unwrap().errors.is_empty());
+    // The VSP sent nothing: its only interrupts are "room again" after reads.
+    assert!(h.status().channels[0].host_signals > 0);
 }
 
 #[test]

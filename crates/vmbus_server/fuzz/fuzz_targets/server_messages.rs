@@ -3,8 +3,6 @@
 //! within the configured limits.
 #![no_main]
 
-use std::sync::Arc;
-
 use libfuzzer_sys::fuzz_target;
 use vmbus_protocol::{msgtype, InitiateContact, MessageBuf, VERSION_WIN10_V5_3};
 use vmbus_server::test_support::{FakeGuestRam, FakeSynic};
@@ -87,7 +85,8 @@ fuzz_target!(|data: &[u8]| {
                 let mut m = msg.to_vec();
                 if m.len() >= 4 && ctl & 0x80 != 0 {
                     // Steer towards real message types.
-                    m[..4].copy_from_slice(&u32::from(m[0] % 25).to_le_bytes());
+                    let t = u32::from(m[0] % 25);
+                    m[..4].copy_from_slice(&t.to_le_bytes());
                     m[4..].iter_mut().take(4).for_each(|b| *b = 0);
                 }
                 if core.check_post(conn, 1, &m) == 0 {
