@@ -76,6 +76,9 @@ struct RunArgs {
     /// A plain PC: no Hyper-V synthetic interface (for guests that are not enlightened).
     #[arg(long)]
     no_enlightenments: bool,
+    /// Offer an echo device on VMBus (for tests).
+    #[arg(long, hide = true)]
+    vmbus_echo: bool,
 }
 
 fn serial_target(s: &str) -> Result<worker::SerialTarget, String> {
@@ -119,6 +122,7 @@ fn run(a: RunArgs) -> ExitCode {
         host_decompress: !a.no_host_decompress,
         host_kernel_params: !a.no_host_kernel_params,
         enlightenments: !a.no_enlightenments,
+        vmbus_echo: a.vmbus_echo,
     };
     match worker::run(cfg) {
         Ok(s) => {

@@ -165,3 +165,13 @@ fn enlightened_partition_presents_the_hyper_v_interface() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(text(&com1), "hyperv: absent\n");
 }
+
+#[test]
+fn test_guest_negotiates_vmbus_and_talks_to_a_test_vsp() {
+    let (code, com1, err) = run_test_guest("vmbus", 1, &["--vmbus-echo"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        text(&com1),
+        "vmbus: version 5.3\nvmbus: 1 offers\nvmbus: echo 10 ok\nvmbus: ok\n"
+    );
+}

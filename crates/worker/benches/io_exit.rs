@@ -78,6 +78,7 @@ fn through_worker(n: u64) -> f64 {
         host_decompress: true,
         host_kernel_params: true,
         enlightenments: false,
+        vmbus_echo: false,
     })
     .unwrap();
     assert_eq!(s.reason, worker::StopReason::PowerOff);

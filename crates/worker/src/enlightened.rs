@@ -8,7 +8,7 @@
 
 use hv1::{GuestMemory, Hv1, HvStatus, HypercallHandler, MemError};
 use hypervisor::Partition;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -99,10 +99,158 @@ impl HypercallHandler for NoVmbus {
 
 /// Everything the VP threads need for the synthetic interface.
 pub struct Enlightened {
-    pub hv: Hv1,
+    pub hv: Arc<Hv1>,
     pub ram: Ram,
     pub irq: Irq,
     pub handler: Arc<dyn HypercallHandler + Send + Sync>,
+}
+
+/// Guest RAM for the VMBus server (rings and GPADL buffers): bounds-checked; ring indices
+/// are accessed atomically because the guest updates them concurrently.
+pub struct VmbusRam(pub Arc<GuestMemoryMmap>);
+
+impl VmbusRam {
+    fn atomic_u32(&self, gpa: u64) -> Result<&AtomicU32, vmbus_server::GuestRamError> {
+        let err = vmbus_server::GuestRamError { gpa, len: 4 };
+        if !gpa.is_multiple_of(4) || !vmbus_server::GuestRam::is_ram(self, gpa, 4) {
+            return Err(err);
+        }
+        let host = self
+            .0
+            .get_host_address(GuestAddress(gpa))
+            .map_err(|_| err)?;
+        // SAFETY: 4-byte aligned, inside guest RAM (checked above) that stays mapped for the
+        // VM's life; the guest accesses ring indices with plain or locked 32-bit accesses.
+        Ok(unsafe { AtomicU32::from_ptr(host.cast::<u32>()) })
+    }
+}
+
+impl vmbus_server::GuestRam for VmbusRam {
+    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+        len == 0
+            || gpa
+                .checked_add(len - 1)
+                .is_some_and(|_| self.0.check_range(GuestAddress(gpa), len as usize))
+    }
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), vmbus_server::GuestRamError> {
+        self.0
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| vmbus_server::GuestRamError {
+                gpa,
+                len: buf.len() as u64,
+            })
+    }
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), vmbus_server::GuestRamError> {
+        self.0
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|_| vmbus_server::GuestRamError {
+                gpa,
+                len: data.len() as u64,
+            })
+    }
+    fn load_u32(&self, gpa: u64) -> Result<u32, vmbus_server::GuestRamError> {
+        Ok(self.atomic_u32(gpa)?.load(Ordering::Acquire))
+    }
+    fn store_u32(&self, gpa: u64, value: u32) -> Result<(), vmbus_server::GuestRamError> {
+        self.atomic_u32(gpa)?.store(value, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// The server's way to the guest: SynIC messages and event flags through hv1.
+pub struct Synic {
+    pub hv: Arc<Hv1>,
+    pub ram: Ram,
+    pub irq: Irq,
+}
+
+impl vmbus_server::GuestSynic for Synic {
+    fn post_message(&self, vp: u32, sint: u8, message_type: u32, payload: &[u8]) -> Result<(), ()> {
+        self.hv
+            .post_message(vp, sint, message_type, payload, &self.ram, &self.irq)
+            .map(|_| ())
+            .map_err(|_| ())
+    }
+    fn signal_event(&self, vp: u32, sint: u8, flag: u32) {
+        let _ = self.hv.signal_event(vp, sint, flag, &self.ram, &self.irq);
+    }
+}
+
+/// The guest's hypercalls reach the VMBus server.
+pub struct ToServer(pub Arc<vmbus_server::VmbusServer>);
+
+impl HypercallHandler for ToServer {
+    fn post_message(
+        &self,
+        vp: u32,
+        connection_id: u32,
+        message_type: u32,
+        payload: &[u8],
+    ) -> HvStatus {
+        HvStatus(
+            self.0
+                .post_message(vp, connection_id, message_type, payload),
+        )
+    }
+    fn signal_event(&self, vp: u32, connection_id: u32, flag_number: u16) -> HvStatus {
+        HvStatus(self.0.signal_event(vp, connection_id, flag_number))
+    }
+}
+
+/// A VSP that echoes every in-band packet back (and completes it when asked): the test
+/// guest's VMBus test talks to it (`--vmbus-echo`).
+pub struct EchoVsp {
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EchoVsp {
+    pub const CLASS: vmbus_protocol::Guid =
+        vmbus_protocol::Guid::from_str_const("8a1c5e2e-7c19-4a7e-9a4b-5645c0ffee01");
+    pub const INSTANCE: vmbus_protocol::Guid =
+        vmbus_protocol::Guid::from_str_const("8a1c5e2e-7c19-4a7e-9a4b-5645c0ffee02");
+
+    pub fn new() -> Self {
+        Self { thread: None }
+    }
+}
+
+impl Default for EchoVsp {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl vmbus_server::Vsp for EchoVsp {
+    fn class_id(&self) -> vmbus_protocol::Guid {
+        Self::CLASS
+    }
+    fn instance_id(&self) -> vmbus_protocol::Guid {
+        Self::INSTANCE
+    }
+    fn open(&mut self, ch: vmbus_server::Channel) -> Result<(), ()> {
+        let t = std::thread::Builder::new()
+            .name("vsp-echo".into())
+            .spawn(move || {
+                while let Ok(p) = ch.recv() {
+                    let r = if p.completion_requested() {
+                        ch.send_completion(p.transaction_id, &p.payload)
+                    } else {
+                        ch.send_inband(p.transaction_id, &p.payload, false)
+                    };
+                    if r.is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|_| ())?;
+        self.thread = Some(t);
+        Ok(())
+    }
+    fn close(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// AML for `\_SB.VMBS`, the ACPI device Linux's `hv_vmbus` binds to.

@@ -58,6 +58,8 @@ pub struct VmConfig {
     pub host_kernel_params: bool,
     /// Present the Hyper-V synthetic interface (an enlightened partition); off = a plain PC.
     pub enlightenments: bool,
+    /// Offer the echo test VSP on VMBus (for the test guest).
+    pub vmbus_echo: bool,
 }
 
 /// Why the VM stopped.
@@ -619,6 +621,7 @@ fn run_once(
     }
     // The enlightened partition: hv1 behind the synthetic MSRs, the hypercall port and CPUID.
     let tsc_clock = Arc::new(enlightened::GuestTsc::default());
+    let mut vmbus: Option<Arc<vmbus_server::VmbusServer>> = None;
     let enl = if cfg.enlightenments {
         msr_ranges.push(hypervisor::MsrRange {
             base: enlightened::SYNTHETIC_MSRS.0,
@@ -635,11 +638,34 @@ fn run_once(
             tsc_clock.clone(),
         )
         .map_err(|e| WorkerError::Host(format!("synthetic interface: {e}")))?;
+        let hv = Arc::new(hv);
+        let synic = Arc::new(enlightened::Synic {
+            hv: hv.clone(),
+            ram: enlightened::Ram(mem.clone()),
+            irq: enlightened::Irq(part.clone()),
+        });
+        let server = Arc::new(
+            vmbus_server::VmbusServer::new(
+                vmbus_server::ServerConfig {
+                    vp_count: cfg.cpus,
+                    ..Default::default()
+                },
+                synic,
+                Arc::new(enlightened::VmbusRam(mem.clone())),
+            )
+            .map_err(|e| WorkerError::Host(format!("starting VMBus: {e}")))?,
+        );
+        if cfg.vmbus_echo {
+            server
+                .add_device(Box::new(enlightened::EchoVsp::new()))
+                .map_err(|e| WorkerError::Host(format!("adding the echo device: {e}")))?;
+        }
+        vmbus = Some(server.clone());
         Some(Arc::new(enlightened::Enlightened {
             hv,
             ram: enlightened::Ram(mem.clone()),
             irq: enlightened::Irq(part.clone()),
-            handler: Arc::new(enlightened::NoVmbus),
+            handler: Arc::new(enlightened::ToServer(server)),
         }))
     } else {
         None
@@ -791,6 +817,9 @@ fn run_once(
         .unwrap_or_else(|e| e.into_inner())
         .flush();
     *cmos_state = Some(cmos.lock().unwrap_or_else(|e| e.into_inner()).state.clone());
+    if let Some(v) = vmbus {
+        v.shutdown();
+    }
     drop(bus);
     drop(part);
     Ok(reason)

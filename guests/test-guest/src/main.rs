@@ -102,6 +102,7 @@ extern "C" fn kmain(boot_params: u64) -> ! {
     match name {
         b"hello" => cases::hello::run(),
         b"hyperv" => cases::hyperv::run(),
+        b"vmbus" => cases::vmbus::run(),
         b"ioloop" => cases::ioloop::run(),
         b"serial" => cases::serial::run(),
         b"timer" => cases::timer::run(),

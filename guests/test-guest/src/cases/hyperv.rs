@@ -15,9 +15,9 @@ const TIME_REF_COUNT: u32 = 0x4000_0020;
 const REFERENCE_TSC: u32 = 0x4000_0021;
 
 #[repr(C, align(4096))]
-struct Page([u8; 4096]);
+pub struct Page(pub [u8; 4096]);
 
-static HYPERCALL_PAGE: Global<Page> = Global::new(Page([0; 4096]));
+pub static HYPERCALL_PAGE: Global<Page> = Global::new(Page([0; 4096]));
 static TSC_PAGE: Global<Page> = Global::new(Page([0; 4096]));
 
 fn check(w: &mut Writer, name: &str, ok: bool, fails: &mut u32) {
@@ -28,7 +28,7 @@ fn check(w: &mut Writer, name: &str, ok: bool, fails: &mut u32) {
 }
 
 /// Calls the hypercall page: RCX = control, RDX = input (or fast argument), R8 = output.
-fn hypercall(control: u64, input: u64) -> u64 {
+pub fn hypercall(control: u64, input: u64) -> u64 {
     let status: u64;
     let page = HYPERCALL_PAGE.get() as u64;
     // SAFETY: the page was filled by the VMM when we enabled the HYPERCALL MSR; it clobbers

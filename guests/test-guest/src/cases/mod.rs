@@ -4,6 +4,7 @@
 pub mod devices;
 pub mod hello;
 pub mod hyperv;
+pub mod vmbus;
 pub mod ioloop;
 pub mod quirks;
 pub mod reset;
