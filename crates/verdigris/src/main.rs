@@ -31,6 +31,57 @@ struct Cli {
 enum Command {
     /// Run one VM in the foreground with its serial console on this terminal.
     Run(RunArgs),
+    /// Talk to a running worker's control socket (`run --control PATH`).
+    Control(ControlArgs),
+}
+
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// The worker's control socket.
+    socket: PathBuf,
+    #[command(subcommand)]
+    op: ControlOp,
+}
+
+#[derive(Subcommand)]
+enum ControlOp {
+    /// State, uptime and counters.
+    Status,
+    /// Ask the guest to shut down cleanly (integration service, else ACPI power button).
+    Shutdown {
+        /// Restart instead of powering off.
+        #[arg(long)]
+        reboot: bool,
+    },
+    /// Press the virtual power button.
+    PowerButton,
+    /// Pull the plug: stop the VM at once.
+    TurnOff,
+    /// Stop every virtual processor until `resume`.
+    Pause,
+    Resume,
+    /// The guest's heartbeat as the heartbeat integration service sees it.
+    Heartbeat,
+    /// Read a KVP item.
+    KvpGet {
+        pool: u8,
+        key: String,
+    },
+    /// Write a KVP item into the guest's pool.
+    KvpSet {
+        pool: u8,
+        key: String,
+        value: String,
+    },
+    /// Delete a KVP item.
+    KvpDelete {
+        pool: u8,
+        key: String,
+    },
+    /// List a KVP pool.
+    KvpList {
+        pool: u8,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -76,6 +127,10 @@ struct RunArgs {
     /// A plain PC: no Hyper-V synthetic interface (for guests that are not enlightened).
     #[arg(long)]
     no_enlightenments: bool,
+    /// Listen for control requests (JSON lines: status, shutdown, pause, KVP, ...) on this
+    /// unix socket.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
     /// Offer an echo device on VMBus (for tests).
     #[arg(long, hide = true)]
     vmbus_echo: bool,
@@ -123,6 +178,7 @@ fn run(a: RunArgs) -> ExitCode {
         host_kernel_params: !a.no_host_kernel_params,
         enlightenments: !a.no_enlightenments,
         vmbus_echo: a.vmbus_echo,
+        control: a.control,
     };
     match worker::run(cfg) {
         Ok(s) => {
@@ -132,6 +188,59 @@ fn run(a: RunArgs) -> ExitCode {
         }
         Err(worker::WorkerError::Config(m)) => fail(2, &m),
         Err(worker::WorkerError::Host(m)) => fail(1, &m),
+    }
+}
+
+fn control(a: ControlArgs) -> ExitCode {
+    use serde_json::json;
+    use std::io::{BufRead, Write};
+    let req = match a.op {
+        ControlOp::Status => json!({"op": "status"}),
+        ControlOp::Shutdown { reboot } => json!({"op": "shutdown", "reboot": reboot}),
+        ControlOp::PowerButton => json!({"op": "power-button"}),
+        ControlOp::TurnOff => json!({"op": "turn-off"}),
+        ControlOp::Pause => json!({"op": "pause"}),
+        ControlOp::Resume => json!({"op": "resume"}),
+        ControlOp::Heartbeat => json!({"op": "heartbeat"}),
+        ControlOp::KvpGet { pool, key } => json!({"op": "kvp-get", "pool": pool, "key": key}),
+        ControlOp::KvpSet { pool, key, value } => {
+            json!({"op": "kvp-set", "pool": pool, "key": key, "value": value})
+        }
+        ControlOp::KvpDelete { pool, key } => json!({"op": "kvp-delete", "pool": pool, "key": key}),
+        ControlOp::KvpList { pool } => json!({"op": "kvp-list", "pool": pool}),
+    };
+    let mut s = match std::os::unix::net::UnixStream::connect(&a.socket) {
+        Ok(s) => s,
+        Err(e) => return fail(1, &format!("cannot connect to {}: {e}", a.socket.display())),
+    };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(120)));
+    if writeln!(s, "{req}").is_err() {
+        return fail(1, "the worker closed the control connection");
+    }
+    let mut line = String::new();
+    if std::io::BufReader::new(&s)
+        .read_line(&mut line)
+        .unwrap_or(0)
+        == 0
+    {
+        return fail(1, "no answer from the worker");
+    }
+    match serde_json::from_str::<serde_json::Value>(&line) {
+        Ok(v) if v["ok"] == json!(true) => {
+            let mut v = v;
+            if let Some(o) = v.as_object_mut() {
+                o.remove("ok");
+            }
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(v) => fail(
+            1,
+            v["error"]
+                .as_str()
+                .unwrap_or("the worker refused the request"),
+        ),
+        Err(_) => fail(1, "the worker sent a malformed answer"),
     }
 }
 
@@ -159,5 +268,6 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(a) => run(a),
+        Command::Control(a) => control(a),
     }
 }

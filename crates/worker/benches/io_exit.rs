@@ -79,6 +79,7 @@ fn through_worker(n: u64) -> f64 {
         host_kernel_params: true,
         enlightenments: false,
         vmbus_echo: false,
+        control: None,
     })
     .unwrap();
     assert_eq!(s.reason, worker::StopReason::PowerOff);

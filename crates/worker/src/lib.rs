@@ -15,11 +15,13 @@
 pub mod acpi;
 pub mod boot;
 pub mod console;
+pub mod control;
 pub mod cpuid;
 pub mod enlightened;
 pub mod host;
 pub mod layout;
 mod quirks;
+pub mod services;
 pub mod trampoline;
 mod vcpu;
 
@@ -60,6 +62,8 @@ pub struct VmConfig {
     pub enlightenments: bool,
     /// Offer the echo test VSP on VMBus (for the test guest).
     pub vmbus_echo: bool,
+    /// Listen for control requests on this unix socket (see [`control`]).
+    pub control: Option<PathBuf>,
 }
 
 /// Why the VM stopped.
@@ -76,13 +80,15 @@ pub enum StopReason {
     /// The worker itself failed (a KVM call failed).
     HostFailure(String),
     UserQuit,
+    /// Turned off through the control socket (the plug pulled: no guest shutdown).
+    TurnedOff,
 }
 
 impl StopReason {
     /// The worker's exit code for this reason (documented in the CLI help).
     pub fn exit_code(&self) -> i32 {
         match self {
-            StopReason::PowerOff | StopReason::UserQuit => 0,
+            StopReason::PowerOff | StopReason::UserQuit | StopReason::TurnedOff => 0,
             StopReason::HostFailure(_) => 1,
             StopReason::TripleFault { .. } => 3,
             StopReason::GuestFailure(_) => 4,
@@ -105,6 +111,7 @@ impl std::fmt::Display for StopReason {
             StopReason::GuestFailure(m) => write!(f, "the VM was stopped: {m}"),
             StopReason::HostFailure(m) => write!(f, "the worker failed: {m}"),
             StopReason::UserQuit => write!(f, "stopped by the user"),
+            StopReason::TurnedOff => write!(f, "turned off"),
         }
     }
 }
@@ -141,6 +148,24 @@ impl Stats {
         self.syscall_fixups += o.syscall_fixups;
         self.hypercalls += o.hypercalls;
         self.quirks.merge(&o.quirks);
+    }
+
+    /// The counters as JSON (control socket, management service).
+    pub fn to_json(&self) -> serde_json::Value {
+        let quirks: serde_json::Map<String, serde_json::Value> = x86emu::Kind::ALL
+            .iter()
+            .filter(|k| self.quirks.get(**k) > 0)
+            .map(|k| (k.name().to_string(), self.quirks.get(*k).into()))
+            .collect();
+        serde_json::json!({
+            "quirks": quirks,
+            "quirk_exceptions": self.quirks.exceptions(),
+            "syscall_fixups": self.syscall_fixups,
+            "hypercalls": self.hypercalls,
+            "io_exits": self.io_exits,
+            "mmio_exits": self.mmio_exits,
+            "msr_exits": self.msr_exits,
+        })
     }
 
     /// One line: "quirks handled: clac=12 stac=12 ...; syscall fix-ups: 500".
@@ -194,16 +219,85 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size '{s}': too large"))
 }
 
-struct Control {
+/// One boot of the VM, as seen by its threads and by the control socket.
+pub(crate) struct Control {
     /// Bumped to ask every VP to report its registers (diagnostics: VERDIGRIS_SAMPLE_SECS).
     sample: std::sync::atomic::AtomicU64,
     reason: Mutex<Option<StopReason>>,
     cond: Condvar,
     cancels: Mutex<Vec<CancelHandle>>,
+    paused: Mutex<bool>,
+    resumed: Condvar,
+    /// Each VP's counters, published by its thread.
+    live: Mutex<Vec<Stats>>,
+}
+
+impl vcpu::VmState for Control {
+    fn stopped(&self) -> bool {
+        Control::stopped(self)
+    }
+    fn sample(&self) -> u64 {
+        self.sample.load(Ordering::Relaxed)
+    }
+    fn wait_while_paused(&self) {
+        let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        while *p && !self.stopped() {
+            p = self.resumed.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+    fn publish(&self, vp: u32, stats: &Stats) {
+        let mut l = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = l.get_mut(vp as usize) {
+            *slot = stats.clone();
+        }
+    }
 }
 
 impl Control {
-    fn stop(&self, r: StopReason) {
+    fn new(vps: u32) -> Self {
+        Control {
+            sample: std::sync::atomic::AtomicU64::new(0),
+            reason: Mutex::new(None),
+            cond: Condvar::new(),
+            cancels: Mutex::new(Vec::new()),
+            paused: Mutex::new(false),
+            resumed: Condvar::new(),
+            live: Mutex::new(vec![Stats::default(); vps as usize]),
+        }
+    }
+
+    /// Stops every VP in KVM until [`Control::resume`] (guest time keeps running).
+    pub(crate) fn pause(&self) {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        for c in self
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            c.cancel();
+        }
+    }
+
+    pub(crate) fn resume(&self) {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.resumed.notify_all();
+    }
+
+    pub(crate) fn is_paused(&self) -> bool {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The sum of every VP's counters right now.
+    pub(crate) fn live_stats(&self) -> Stats {
+        let mut t = Stats::default();
+        for s in self.live.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            t.merge(s);
+        }
+        t
+    }
+
+    pub(crate) fn stop(&self, r: StopReason) {
         let mut g = self.reason.lock().unwrap_or_else(|e| e.into_inner());
         if g.is_none() {
             *g = Some(r);
@@ -218,6 +312,7 @@ impl Control {
             c.cancel();
         }
         self.cond.notify_all();
+        self.resumed.notify_all();
     }
 
     fn stopped(&self) -> bool {
@@ -334,6 +429,15 @@ pub fn run(mut cfg: VmConfig) -> Result<RunSummary, WorkerError> {
         eprintln!("verdigris: {n}");
     }
     let console = Console::open(std::mem::replace(&mut cfg.serial, SerialTarget::None))?;
+    let hub = control::ControlHub::new(cfg.cpus, cfg.memory);
+    let _socket = match &cfg.control {
+        Some(p) => Some(
+            control::ControlSocket::bind(p.clone(), hub.clone()).map_err(|e| {
+                WorkerError::Config(format!("cannot listen on {}: {e}", p.display()))
+            })?,
+        ),
+        None => None,
+    };
     let mut stats = Stats::default();
     let mut boots = 0;
     // CMOS RAM survives a reset, as on hardware (the rest of the machine starts afresh).
@@ -351,6 +455,7 @@ pub fn run(mut cfg: VmConfig) -> Result<RunSummary, WorkerError> {
             &console,
             &mut stats,
             &mut cmos,
+            &hub,
         )?;
         if reason == StopReason::Reboot && cfg.on_reboot == RebootAction::Restart && boots < 1000 {
             continue;
@@ -458,6 +563,7 @@ fn run_once(
     console: &Console,
     stats: &mut Stats,
     cmos_state: &mut Option<devices::cmos::CmosState>,
+    hub: &Arc<control::ControlHub>,
 ) -> Result<StopReason, WorkerError> {
     let herr =
         |what: &'static str| move |e: hypervisor::Error| WorkerError::Host(format!("{what}: {e}"));
@@ -522,12 +628,7 @@ fn run_once(
     boot::write_page_tables(&mem).map_err(|e| WorkerError::Host(e.to_string()))?;
 
     // Platform.
-    let control = Arc::new(Control {
-        sample: std::sync::atomic::AtomicU64::new(0),
-        reason: Mutex::new(None),
-        cond: Condvar::new(),
-        cancels: Mutex::new(Vec::new()),
-    });
+    let control = Arc::new(Control::new(cfg.cpus));
     let events: Arc<dyn PlatformEvents> = Arc::new(Events(control.clone()));
     let time = Arc::new(GuestTime::new(scale));
     let irq = |gsi| -> Arc<dyn IrqLine> {
@@ -547,6 +648,11 @@ fn run_once(
         bus.insert(base, len, d)
             .map_err(|e| WorkerError::Host(e.to_string()))
     };
+    let pm = Arc::new(Mutex::new(devices::acpi_pm::AcpiPm::new(
+        time.clone(),
+        irq(devices::acpi_pm::SCI_IRQ),
+        events.clone(),
+    )));
     // 0x60 and 0x64 are one device: the same controller at both ports.
     let kbc = Arc::new(Mutex::new(devices::i8042::I8042::new(
         irq(devices::i8042::KBD_IRQ),
@@ -589,11 +695,7 @@ fn run_once(
         &mut bus,
         devices::acpi_pm::BASE,
         devices::acpi_pm::LEN,
-        Arc::new(Mutex::new(devices::acpi_pm::AcpiPm::new(
-            time.clone(),
-            irq(devices::acpi_pm::SCI_IRQ),
-            events.clone(),
-        ))),
+        pm.clone(),
     )?;
     ins(
         &mut bus,
@@ -745,6 +847,11 @@ fn run_once(
             move || c.stop(StopReason::UserQuit),
         );
     }
+    hub.boot_started(Arc::new(control::BootHandles {
+        control: control.clone(),
+        pm: pm.clone(),
+        services: services::Services::default(),
+    }));
     let mut handles = Vec::new();
     for vp in vps {
         let ctx = vcpu::VpContext {
@@ -758,8 +865,7 @@ fn run_once(
         let h = std::thread::Builder::new()
             .name(format!("vp{index}"))
             .spawn(move || {
-                let sample = || control.sample.load(Ordering::Relaxed);
-                let (reason, stats) = vcpu::run_vp(vp, ctx, &|| control.stopped(), &sample);
+                let (reason, stats) = vcpu::run_vp(vp, ctx, &*control);
                 if let Some(r) = reason {
                     control.stop(r);
                 }
@@ -816,6 +922,7 @@ fn run_once(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .flush();
+    hub.boot_ended(stats);
     *cmos_state = Some(cmos.lock().unwrap_or_else(|e| e.into_inner()).state.clone());
     if let Some(v) = vmbus {
         v.shutdown();

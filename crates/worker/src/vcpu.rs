@@ -29,16 +29,28 @@ enum Deferred {
 }
 
 /// Runs until the VM stops; returns why (if this VP caused the stop) and its counters.
-pub fn run_vp(
-    mut vp: Vp,
-    ctx: VpContext,
-    stopped: &dyn Fn() -> bool,
-    sample: &dyn Fn() -> u64,
-) -> (Option<StopReason>, Stats) {
+/// What a VP thread asks of the VM around it.
+pub trait VmState {
+    /// The VM is stopping: return.
+    fn stopped(&self) -> bool;
+    /// A counter bumped when every VP should report its registers (diagnostics).
+    fn sample(&self) -> u64;
+    /// Blocks while the VM is paused (returns at once otherwise).
+    fn wait_while_paused(&self);
+    /// Where this VP publishes its counters for live readers.
+    fn publish(&self, vp: u32, stats: &Stats);
+}
+
+pub fn run_vp(mut vp: Vp, ctx: VpContext, vm: &dyn VmState) -> (Option<StopReason>, Stats) {
     let mut stats = Stats::default();
+    let mut exits: u32 = 0;
     let mut seen_sample = 0;
     let index = vp.index();
     loop {
+        exits = exits.wrapping_add(1);
+        if exits % 1024 == 0 {
+            vm.publish(index, &stats);
+        }
         let mut deferred = Deferred::None;
         let r = match vp.run() {
             Ok(i) => i,
@@ -121,11 +133,14 @@ pub fn run_vp(
             Intercept::EmulationFailure { insn } => deferred = Deferred::Quirk(insn),
             Intercept::Debug { .. } => deferred = Deferred::Debug,
             Intercept::Cancelled => {
-                if stopped() {
+                if vm.stopped() {
+                    vm.publish(index, &stats);
                     return (None, stats);
                 }
                 vp.clear_cancel();
-                let now = sample();
+                vm.wait_while_paused();
+                vm.publish(index, &stats);
+                let now = vm.sample();
                 if now != seen_sample {
                     seen_sample = now;
                     eprintln!(
