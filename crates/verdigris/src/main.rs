@@ -12,6 +12,8 @@
 //! guest did something the VM cannot handle (it was stopped); 10 the guest rebooted and
 //! `--on-reboot exit` was given.
 
+mod disk_cli;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +35,8 @@ enum Command {
     Run(RunArgs),
     /// Talk to a running worker's control socket (`run --control PATH`).
     Control(ControlArgs),
+    #[command(flatten)]
+    Disk(disk_cli::DiskCommand),
 }
 
 #[derive(clap::Args)]
@@ -269,5 +273,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(a) => run(a),
         Command::Control(a) => control(a),
+        Command::Disk(c) => disk_cli::run(c),
     }
 }
