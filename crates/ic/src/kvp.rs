@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::framework::{Core, IcVsp, Reply, Service, ServiceSpec, ServiceStatus};
-use crate::protocol::kvp::{self as wire, KvpPool, KvpRequest};
+use crate::protocol::kvp::{self as wire, KvpPool, KvpReply, KvpRequest};
 use crate::protocol::{
     self, RequestHeader, HV_S_CONT, HV_S_OK, KVP_VERSIONS, MSGTYPE_KVP_EXCHANGE,
 };

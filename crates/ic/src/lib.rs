@@ -261,6 +261,34 @@ mod id_tests {
     use super::*;
 
     #[test]
+    fn handles_and_vsps_can_cross_threads() {
+        fn shareable<T: Clone + Send + Sync + 'static>() {}
+        fn vsp<T: vmbus_server::Vsp + 'static>() {}
+        shareable::<HeartbeatHandle>();
+        shareable::<ShutdownHandle>();
+        shareable::<TimesyncHandle>();
+        shareable::<KvpHandle>();
+        shareable::<IcHandles>();
+        vsp::<IcVsp>();
+        let (vsps, h) = create(
+            b"vm",
+            IcConfig {
+                heartbeat: Some(HeartbeatConfig::default()),
+                kvp: Some(KvpConfig::default()),
+                ..IcConfig::default()
+            },
+        );
+        let names: Vec<_> = vsps.iter().map(IcVsp::service_name).collect();
+        assert_eq!(names, ["heartbeat", "kvp"]);
+        assert!(h.heartbeat.is_some() && h.kvp.is_some());
+        assert!(h.shutdown.is_none() && h.timesync.is_none());
+        // Nothing is open yet.
+        let hb = h.heartbeat.unwrap();
+        assert_eq!(hb.status(), HeartbeatStatus::Unknown);
+        assert_eq!(hb.report().service.phase, Phase::Closed);
+    }
+
+    #[test]
     fn instance_ids_are_stable_and_distinct() {
         let a = instance_id(b"vm-1", heartbeat::HEARTBEAT_CLASS);
         assert_eq!(a, instance_id(b"vm-1", heartbeat::HEARTBEAT_CLASS));
@@ -271,8 +299,8 @@ mod id_tests {
         assert_eq!(a.data4[0] >> 6, 0b10);
         // Pinned: changing the derivation would change every VM's devices.
         assert_eq!(
-            instance_id(b"", Guid::ZERO).to_string(),
-            instance_id(b"", Guid::ZERO).to_string()
+            instance_id(b"verdigris", heartbeat::HEARTBEAT_CLASS).to_string(),
+            "8646d73d-6aba-82f7-b75d-6db372c04ed2"
         );
     }
 }

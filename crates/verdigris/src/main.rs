@@ -135,6 +135,21 @@ struct RunArgs {
     /// unix socket.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Do not offer the heartbeat integration service.
+    #[arg(long)]
+    no_heartbeat: bool,
+    /// Do not offer the shutdown integration service.
+    #[arg(long)]
+    no_shutdown_service: bool,
+    /// Do not offer the time synchronization integration service.
+    #[arg(long)]
+    no_timesync: bool,
+    /// Do not offer the key-value pair exchange integration service.
+    #[arg(long)]
+    no_kvp: bool,
+    /// The VM's id (a GUID); it seeds the stable instance ids of its devices.
+    #[arg(long)]
+    id: Option<String>,
     /// Offer an echo device on VMBus (for tests).
     #[arg(long, hide = true)]
     vmbus_echo: bool,
@@ -157,10 +172,28 @@ fn serial_target(s: &str) -> Result<worker::SerialTarget, String> {
     }
 }
 
+/// Parses a GUID ("xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx") into its 16 bytes (as written).
+fn parse_guid(s: &str) -> Result<[u8; 16], String> {
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    let bad = || format!("invalid --id '{s}' (expected a GUID like 6f1c3e4a-...)");
+    if hex.len() != 32 || s.len() != 36 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
 fn run(a: RunArgs) -> ExitCode {
     let memory = match worker::parse_size(&a.memory) {
         Ok(m) => m,
         Err(e) => return fail(2, &format!("--memory: {e}")),
+    };
+    let id = match a.id.as_deref().map(parse_guid).transpose() {
+        Ok(id) => id.unwrap_or(*b"verdigris-vm-id!"),
+        Err(e) => return fail(2, &e),
     };
     let serial = match serial_target(&a.serial) {
         Ok(s) => s,
@@ -183,6 +216,13 @@ fn run(a: RunArgs) -> ExitCode {
         enlightenments: !a.no_enlightenments,
         vmbus_echo: a.vmbus_echo,
         control: a.control,
+        ic: worker::services::IcSettings {
+            heartbeat: !a.no_heartbeat,
+            shutdown: !a.no_shutdown_service,
+            timesync: !a.no_timesync,
+            kvp: !a.no_kvp,
+        },
+        id,
     };
     match worker::run(cfg) {
         Ok(s) => {

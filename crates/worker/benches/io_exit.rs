@@ -80,6 +80,8 @@ fn through_worker(n: u64) -> f64 {
         enlightenments: false,
         vmbus_echo: false,
         control: None,
+        ic: Default::default(),
+        id: [0; 16],
     })
     .unwrap();
     assert_eq!(s.reason, worker::StopReason::PowerOff);

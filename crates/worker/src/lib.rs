@@ -64,6 +64,10 @@ pub struct VmConfig {
     pub vmbus_echo: bool,
     /// Listen for control requests on this unix socket (see [`control`]).
     pub control: Option<PathBuf>,
+    /// Which integration services an enlightened VM offers.
+    pub ic: services::IcSettings,
+    /// The VM's identity: seeds its stable device instance GUIDs.
+    pub id: [u8; 16],
 }
 
 /// Why the VM stopped.
@@ -724,6 +728,7 @@ fn run_once(
     // The enlightened partition: hv1 behind the synthetic MSRs, the hypercall port and CPUID.
     let tsc_clock = Arc::new(enlightened::GuestTsc::default());
     let mut vmbus: Option<Arc<vmbus_server::VmbusServer>> = None;
+    let mut services = services::Services::default();
     let enl = if cfg.enlightenments {
         msr_ranges.push(hypervisor::MsrRange {
             base: enlightened::SYNTHETIC_MSRS.0,
@@ -757,6 +762,22 @@ fn run_once(
             )
             .map_err(|e| WorkerError::Host(format!("starting VMBus: {e}")))?,
         );
+        let ic_cfg = ic::IcConfig {
+            heartbeat: cfg.ic.heartbeat.then(ic::HeartbeatConfig::default),
+            shutdown: cfg.ic.shutdown.then(ic::shutdown::ShutdownConfig::default),
+            timesync: cfg.ic.timesync.then(|| {
+                let hv = hv.clone();
+                ic::timesync::TimesyncConfig::new(move || hv.reference_time())
+            }),
+            kvp: cfg.ic.kvp.then(ic::KvpConfig::default),
+        };
+        let (vsps, handles) = ic::create(&cfg.id, ic_cfg);
+        for v in vsps {
+            server
+                .add_device(Box::new(v))
+                .map_err(|e| WorkerError::Host(format!("adding an integration service: {e}")))?;
+        }
+        services.ic = handles;
         if cfg.vmbus_echo {
             server
                 .add_device(Box::new(enlightened::EchoVsp::new()))
@@ -850,7 +871,7 @@ fn run_once(
     hub.boot_started(Arc::new(control::BootHandles {
         control: control.clone(),
         pm: pm.clone(),
-        services: services::Services::default(),
+        services: services.clone(),
     }));
     let mut handles = Vec::new();
     for vp in vps {
