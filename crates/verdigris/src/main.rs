@@ -66,6 +66,8 @@ enum ControlOp {
     Resume,
     /// The guest's heartbeat as the heartbeat integration service sees it.
     Heartbeat,
+    /// Push host time to the guest now (it steps its clock).
+    Timesync,
     /// Read a KVP item.
     KvpGet {
         pool: u8,
@@ -246,6 +248,7 @@ fn control(a: ControlArgs) -> ExitCode {
         ControlOp::Pause => json!({"op": "pause"}),
         ControlOp::Resume => json!({"op": "resume"}),
         ControlOp::Heartbeat => json!({"op": "heartbeat"}),
+        ControlOp::Timesync => json!({"op": "timesync"}),
         ControlOp::KvpGet { pool, key } => json!({"op": "kvp-get", "pool": pool, "key": key}),
         ControlOp::KvpSet { pool, key, value } => {
             json!({"op": "kvp-set", "pool": pool, "key": key, "value": value})

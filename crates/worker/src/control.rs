@@ -5,7 +5,8 @@
 //! Requests: `{"op": "status"}`, `{"op": "shutdown", "reboot": false}` (clean, through the
 //! guest: the shutdown integration service, or the ACPI power button when the guest has none),
 //! `{"op": "power-button"}`, `{"op": "turn-off"}`, `{"op": "pause"}`, `{"op": "resume"}`,
-//! `{"op": "heartbeat"}`, `{"op": "kvp-get", "pool": 0, "key": "k"}`,
+//! `{"op": "heartbeat"}`, `{"op": "timesync"}` (host time to the guest now, SYNC),
+//! `{"op": "kvp-get", "pool": 0, "key": "k"}`,
 //! `{"op": "kvp-set", "pool": 0, "key": "k", "value": "v"}`,
 //! `{"op": "kvp-delete", "pool": 0, "key": "k"}`, `{"op": "kvp-list", "pool": 3}`.
 //! Responses: `{"ok": true, ...}` or `{"ok": false, "error": "one line"}`.
@@ -154,6 +155,7 @@ impl ControlHub {
                 }
             }
             "heartbeat" => Ok(json!({"heartbeat": need()?.services.heartbeat_json()})),
+            "timesync" => need()?.services.timesync_now(),
             "kvp-get" | "kvp-set" | "kvp-delete" | "kvp-list" => {
                 need()?.services.kvp(op, req).map_err(|e| e.to_string())
             }

@@ -73,6 +73,17 @@ impl Services {
         }
     }
 
+    /// Pushes host time to the guest now with the SYNC flag (the guest steps its clock).
+    pub fn timesync_now(&self) -> Result<Value, String> {
+        let t = self
+            .ic
+            .timesync
+            .as_ref()
+            .ok_or("the VM has no time synchronization integration service")?;
+        let s = t.sync_now().map_err(|e| e.to_string())?;
+        Ok(json!({"host_time_filetime": s.host_time, "reference_time": s.reference_time}))
+    }
+
     pub fn kvp(&self, op: &str, req: &Value) -> Result<Value, String> {
         let k = self
             .ic

@@ -48,7 +48,7 @@ pub fn run_vp(mut vp: Vp, ctx: VpContext, vm: &dyn VmState) -> (Option<StopReaso
     let index = vp.index();
     loop {
         exits = exits.wrapping_add(1);
-        if exits % 1024 == 0 {
+        if exits.is_multiple_of(1024) {
             vm.publish(index, &stats);
         }
         let mut deferred = Deferred::None;
