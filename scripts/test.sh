@@ -17,3 +17,6 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 step "tests (unit, integration, test guest, stock Linux boot)"
 cargo test --workspace --release 2>&1
+
+step "fuzz smoke: every guest-facing parser, briefly"
+FUZZ_SECONDS="${FUZZ_SECONDS:-10}" bash scripts/fuzz-smoke.sh
