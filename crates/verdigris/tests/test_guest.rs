@@ -168,10 +168,25 @@ fn enlightened_partition_presents_the_hyper_v_interface() {
 
 #[test]
 fn test_guest_negotiates_vmbus_and_talks_to_a_test_vsp() {
-    let (code, com1, err) = run_test_guest("vmbus", 1, &["--vmbus-echo"]);
+    // Every integration service off: the echo device is the only offer.
+    let off = [
+        "--vmbus-echo",
+        "--no-heartbeat",
+        "--no-shutdown-service",
+        "--no-timesync",
+        "--no-kvp",
+    ];
+    let (code, com1, err) = run_test_guest("vmbus", 1, &off);
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         text(&com1),
         "vmbus: version 5.3\nvmbus: 1 offers\nvmbus: echo 10 ok\nvmbus: ok\n"
+    );
+    // By default the four integration services are offered too, on 4 VPs as well.
+    let (code, com1, err) = run_test_guest("vmbus", 4, &["--vmbus-echo"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        text(&com1),
+        "vmbus: version 5.3\nvmbus: 5 offers\nvmbus: echo 10 ok\nvmbus: ok\n"
     );
 }

@@ -274,3 +274,83 @@ impl Write for HubWriter {
         Ok(())
     }
 }
+
+/// The console's host side, kept across reboots.
+pub(crate) struct Console {
+    pub out: Arc<Mutex<Box<dyn std::io::Write + Send>>>,
+    pub hub: Option<Arc<SocketHub>>,
+    pub input: Mutex<Option<Box<dyn std::io::Read + Send>>>,
+    pub escape: bool,
+    _raw: Option<RawMode>,
+    pub input_stop: Arc<AtomicBool>,
+}
+
+pub(crate) struct SharedOut(pub Arc<Mutex<Box<dyn std::io::Write + Send>>>);
+
+impl std::io::Write for SharedOut {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
+
+impl Console {
+    pub fn open(target: SerialTarget) -> Result<Self, crate::WorkerError> {
+        let input_stop = Arc::new(AtomicBool::new(false));
+        let mut hub = None;
+        let (out, input, escape, raw): (
+            Box<dyn std::io::Write + Send>,
+            Option<Box<dyn std::io::Read + Send>>,
+            bool,
+            _,
+        ) = match target {
+            SerialTarget::Stdio => {
+                let raw = RawMode::enable();
+                let esc = raw.is_some();
+                (
+                    Box::new(StdoutSink),
+                    Some(Box::new(std::io::stdin())),
+                    esc,
+                    raw,
+                )
+            }
+            SerialTarget::File(p) => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&p)
+                    .map_err(|e| {
+                        crate::WorkerError::Config(format!(
+                            "cannot open serial output {}: {e}",
+                            p.display()
+                        ))
+                    })?;
+                (Box::new(f), None, false, None)
+            }
+            SerialTarget::Socket(p) => {
+                let h = SocketHub::bind(p.clone(), input_stop.clone()).map_err(|e| {
+                    crate::WorkerError::Config(format!("cannot listen on {}: {e}", p.display()))
+                })?;
+                hub = Some(h.clone());
+                (Box::new(HubWriter(h)), None, false, None)
+            }
+            SerialTarget::Stream { out, input } => (out, input, false, None),
+            SerialTarget::None => (Box::new(std::io::sink()), None, false, None),
+        };
+        Ok(Console {
+            out: Arc::new(Mutex::new(out)),
+            hub,
+            input: Mutex::new(input),
+            escape,
+            _raw: raw,
+            input_stop,
+        })
+    }
+
+    pub fn shutdown(&self) {
+        self.input_stop.store(true, Ordering::Relaxed);
+        let _ = self.out.lock().unwrap_or_else(|e| e.into_inner()).flush();
+    }
+}

@@ -266,3 +266,78 @@ pub fn vmbus_acpi_device() -> Vec<u8> {
     aml::Device::new("VMBS".into(), vec![&hid, &uid, &ddn, &n_crs]).to_aml_bytes(&mut v);
     v
 }
+
+/// Builds the enlightened side of a partition: hv1, the VMBus server with the configured
+/// devices (integration services, the echo test device), and the handles the control socket
+/// uses.
+pub(crate) fn build(
+    cfg: &crate::VmConfig,
+    facts: &crate::HostFacts,
+    scale: f64,
+    part: &Arc<Partition>,
+    mem: &Arc<GuestMemoryMmap>,
+    tsc_clock: Arc<GuestTsc>,
+) -> Result<
+    (
+        Arc<Enlightened>,
+        Arc<vmbus_server::VmbusServer>,
+        crate::services::Services,
+    ),
+    crate::WorkerError,
+> {
+    use crate::WorkerError;
+    let hv = Arc::new(
+        Hv1::new(
+            hv1::Config {
+                vp_count: cfg.cpus,
+                tsc_hz: u64::from(facts.tsc_khz) * 1000,
+                time_scale: scale,
+            },
+            tsc_clock,
+        )
+        .map_err(|e| WorkerError::Host(format!("synthetic interface: {e}")))?,
+    );
+    let synic = Arc::new(Synic {
+        hv: hv.clone(),
+        ram: Ram(mem.clone()),
+        irq: Irq(part.clone()),
+    });
+    let server = Arc::new(
+        vmbus_server::VmbusServer::new(
+            vmbus_server::ServerConfig {
+                vp_count: cfg.cpus,
+                ..Default::default()
+            },
+            synic,
+            Arc::new(VmbusRam(mem.clone())),
+        )
+        .map_err(|e| WorkerError::Host(format!("starting VMBus: {e}")))?,
+    );
+    let ic_cfg = ic::IcConfig {
+        heartbeat: cfg.ic.heartbeat.then(ic::HeartbeatConfig::default),
+        shutdown: cfg.ic.shutdown.then(ic::shutdown::ShutdownConfig::default),
+        timesync: cfg.ic.timesync.then(|| {
+            let hv = hv.clone();
+            ic::timesync::TimesyncConfig::new(move || hv.reference_time())
+        }),
+        kvp: cfg.ic.kvp.then(ic::KvpConfig::default),
+    };
+    let (vsps, handles) = ic::create(&cfg.id, ic_cfg);
+    for v in vsps {
+        server
+            .add_device(Box::new(v))
+            .map_err(|e| WorkerError::Host(format!("adding an integration service: {e}")))?;
+    }
+    if cfg.vmbus_echo {
+        server
+            .add_device(Box::new(EchoVsp::new()))
+            .map_err(|e| WorkerError::Host(format!("adding the echo device: {e}")))?;
+    }
+    let enl = Arc::new(Enlightened {
+        hv,
+        ram: Ram(mem.clone()),
+        irq: Irq(part.clone()),
+        handler: Arc::new(ToServer(server.clone())),
+    });
+    Ok((enl, server, crate::services::Services { ic: handles }))
+}

@@ -20,19 +20,22 @@ pub mod cpuid;
 pub mod enlightened;
 pub mod host;
 pub mod layout;
+mod platform;
 mod quirks;
 pub mod services;
+mod state;
 pub mod trampoline;
 mod vcpu;
 
 pub use console::SerialTarget;
 pub use host::HostFacts;
 
-use devices::{GuestTime, IrqLine, PlatformEvents, PowerEvent};
-use hypervisor::{CancelHandle, Hypervisor, MapFlags, MsrIntercepts, Partition, PartitionConfig};
+use devices::{GuestTime, IrqLine};
+use hypervisor::{Hypervisor, MapFlags, MsrIntercepts, PartitionConfig};
+pub(crate) use state::{Control, Events};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// What to do when the guest reboots.
@@ -223,134 +226,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size '{s}': too large"))
 }
 
-/// One boot of the VM, as seen by its threads and by the control socket.
-pub(crate) struct Control {
-    /// Bumped to ask every VP to report its registers (diagnostics: VERDIGRIS_SAMPLE_SECS).
-    sample: std::sync::atomic::AtomicU64,
-    reason: Mutex<Option<StopReason>>,
-    cond: Condvar,
-    cancels: Mutex<Vec<CancelHandle>>,
-    paused: Mutex<bool>,
-    resumed: Condvar,
-    /// Each VP's counters, published by its thread.
-    live: Mutex<Vec<Stats>>,
-}
-
-impl vcpu::VmState for Control {
-    fn stopped(&self) -> bool {
-        Control::stopped(self)
-    }
-    fn sample(&self) -> u64 {
-        self.sample.load(Ordering::Relaxed)
-    }
-    fn wait_while_paused(&self) {
-        let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
-        while *p && !self.stopped() {
-            p = self.resumed.wait(p).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-    fn publish(&self, vp: u32, stats: &Stats) {
-        let mut l = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = l.get_mut(vp as usize) {
-            *slot = stats.clone();
-        }
-    }
-}
-
-impl Control {
-    fn new(vps: u32) -> Self {
-        Control {
-            sample: std::sync::atomic::AtomicU64::new(0),
-            reason: Mutex::new(None),
-            cond: Condvar::new(),
-            cancels: Mutex::new(Vec::new()),
-            paused: Mutex::new(false),
-            resumed: Condvar::new(),
-            live: Mutex::new(vec![Stats::default(); vps as usize]),
-        }
-    }
-
-    /// Stops every VP in KVM until [`Control::resume`] (guest time keeps running).
-    pub(crate) fn pause(&self) {
-        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        for c in self
-            .cancels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            c.cancel();
-        }
-    }
-
-    pub(crate) fn resume(&self) {
-        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = false;
-        self.resumed.notify_all();
-    }
-
-    pub(crate) fn is_paused(&self) -> bool {
-        *self.paused.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The sum of every VP's counters right now.
-    pub(crate) fn live_stats(&self) -> Stats {
-        let mut t = Stats::default();
-        for s in self.live.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            t.merge(s);
-        }
-        t
-    }
-
-    pub(crate) fn stop(&self, r: StopReason) {
-        let mut g = self.reason.lock().unwrap_or_else(|e| e.into_inner());
-        if g.is_none() {
-            *g = Some(r);
-        }
-        drop(g);
-        for c in self
-            .cancels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            c.cancel();
-        }
-        self.cond.notify_all();
-        self.resumed.notify_all();
-    }
-
-    fn stopped(&self) -> bool {
-        self.reason
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-    }
-}
-
-struct Events(Arc<Control>);
-
-impl PlatformEvents for Events {
-    fn request(&self, e: PowerEvent) {
-        self.0.stop(match e {
-            PowerEvent::PowerOff => StopReason::PowerOff,
-            PowerEvent::Reset => StopReason::Reboot,
-        });
-    }
-}
-
-struct KvmIrq {
-    part: Arc<Partition>,
-    gsi: u32,
-}
-
-impl IrqLine for KvmIrq {
-    fn set_level(&self, high: bool) {
-        if let Err(e) = self.part.set_irq_line(self.gsi, high) {
-            tracing::warn!("IRQ {} line: {e}", self.gsi);
-        }
-    }
-}
-
 /// Validates the configuration and reads the input files.
 fn load_inputs(cfg: &VmConfig, max_vps: usize) -> Result<(Vec<u8>, Option<Vec<u8>>), WorkerError> {
     let c = |m: String| WorkerError::Config(m);
@@ -432,7 +307,7 @@ pub fn run(mut cfg: VmConfig) -> Result<RunSummary, WorkerError> {
     for n in &notes {
         eprintln!("verdigris: {n}");
     }
-    let console = Console::open(std::mem::replace(&mut cfg.serial, SerialTarget::None))?;
+    let console = console::Console::open(std::mem::replace(&mut cfg.serial, SerialTarget::None))?;
     let hub = control::ControlHub::new(cfg.cpus, cfg.memory);
     let _socket = match &cfg.control {
         Some(p) => Some(
@@ -475,86 +350,6 @@ pub fn run(mut cfg: VmConfig) -> Result<RunSummary, WorkerError> {
     })
 }
 
-/// The console's host side, kept across reboots.
-struct Console {
-    out: Arc<Mutex<Box<dyn std::io::Write + Send>>>,
-    hub: Option<Arc<console::SocketHub>>,
-    input: Mutex<Option<Box<dyn std::io::Read + Send>>>,
-    escape: bool,
-    _raw: Option<console::RawMode>,
-    input_stop: Arc<AtomicBool>,
-}
-
-struct SharedOut(Arc<Mutex<Box<dyn std::io::Write + Send>>>);
-
-impl std::io::Write for SharedOut {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(b)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
-    }
-}
-
-impl Console {
-    fn open(target: SerialTarget) -> Result<Self, WorkerError> {
-        let input_stop = Arc::new(AtomicBool::new(false));
-        let mut hub = None;
-        let (out, input, escape, raw): (
-            Box<dyn std::io::Write + Send>,
-            Option<Box<dyn std::io::Read + Send>>,
-            bool,
-            _,
-        ) = match target {
-            SerialTarget::Stdio => {
-                let raw = console::RawMode::enable();
-                let esc = raw.is_some();
-                (
-                    Box::new(console::StdoutSink),
-                    Some(Box::new(std::io::stdin())),
-                    esc,
-                    raw,
-                )
-            }
-            SerialTarget::File(p) => {
-                let f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&p)
-                    .map_err(|e| {
-                        WorkerError::Config(format!(
-                            "cannot open serial output {}: {e}",
-                            p.display()
-                        ))
-                    })?;
-                (Box::new(f), None, false, None)
-            }
-            SerialTarget::Socket(p) => {
-                let h = console::SocketHub::bind(p.clone(), input_stop.clone()).map_err(|e| {
-                    WorkerError::Config(format!("cannot listen on {}: {e}", p.display()))
-                })?;
-                hub = Some(h.clone());
-                (Box::new(console::HubWriter(h)), None, false, None)
-            }
-            SerialTarget::Stream { out, input } => (out, input, false, None),
-            SerialTarget::None => (Box::new(std::io::sink()), None, false, None),
-        };
-        Ok(Console {
-            out: Arc::new(Mutex::new(out)),
-            hub,
-            input: Mutex::new(input),
-            escape,
-            _raw: raw,
-            input_stop,
-        })
-    }
-
-    fn shutdown(&self) {
-        self.input_stop.store(true, Ordering::Relaxed);
-        let _ = self.out.lock().unwrap_or_else(|e| e.into_inner()).flush();
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 fn run_once(
     hv: &Hypervisor,
@@ -564,7 +359,7 @@ fn run_once(
     kernel: &[u8],
     initrd: Option<&[u8]>,
     cmdline: &str,
-    console: &Console,
+    console: &console::Console,
     stats: &mut Stats,
     cmos_state: &mut Option<devices::cmos::CmosState>,
     hub: &Arc<control::ControlHub>,
@@ -633,81 +428,16 @@ fn run_once(
 
     // Platform.
     let control = Arc::new(Control::new(cfg.cpus));
-    let events: Arc<dyn PlatformEvents> = Arc::new(Events(control.clone()));
     let time = Arc::new(GuestTime::new(scale));
-    let irq = |gsi| -> Arc<dyn IrqLine> {
-        Arc::new(KvmIrq {
-            part: part.clone(),
-            gsi,
-        })
-    };
-    let mut bus = devices::IoBus::new();
-    let uart = Arc::new(Mutex::new(devices::serial::Uart::new(
-        irq(devices::serial::COM1_IRQ),
-        Box::new(SharedOut(console.out.clone())),
-    )));
-    let pit = devices::pit::PitShared::new(devices::pit::Pit::new(time.clone()));
-    let low = cfg.memory.min(layout::LOW_RAM_MAX);
-    let ins = |bus: &mut devices::IoBus, base, len, d: Arc<Mutex<dyn devices::PortDevice>>| {
-        bus.insert(base, len, d)
-            .map_err(|e| WorkerError::Host(e.to_string()))
-    };
-    let pm = Arc::new(Mutex::new(devices::acpi_pm::AcpiPm::new(
-        time.clone(),
-        irq(devices::acpi_pm::SCI_IRQ),
-        events.clone(),
-    )));
-    // 0x60 and 0x64 are one device: the same controller at both ports.
-    let kbc = Arc::new(Mutex::new(devices::i8042::I8042::new(
-        irq(devices::i8042::KBD_IRQ),
-        events.clone(),
-    )));
-    ins(&mut bus, devices::serial::COM1_BASE, 8, uart.clone())?;
-    ins(
-        &mut bus,
-        devices::i8042::DATA_PORT,
-        1,
-        Arc::new(Mutex::new(I8042Port(kbc.clone(), 0))),
+    let platform = platform::Platform::build(
+        &part,
+        &time,
+        Arc::new(Events(control.clone())),
+        Box::new(console::SharedOut(console.out.clone())),
+        cfg.memory,
+        cmos_state.take(),
     )?;
-    ins(
-        &mut bus,
-        devices::i8042::CMD_PORT,
-        1,
-        Arc::new(Mutex::new(I8042Port(kbc, 4))),
-    )?;
-    let cmos = {
-        let mut c = devices::cmos::Cmos::new(time.clone(), low, cfg.memory - low);
-        if let Some(st) = cmos_state.take() {
-            c.state = st;
-        }
-        Arc::new(Mutex::new(c))
-    };
-    ins(&mut bus, devices::cmos::BASE, 2, cmos.clone())?;
-    ins(
-        &mut bus,
-        devices::pit::BASE,
-        4,
-        Arc::new(Mutex::new(devices::pit::PitPorts(pit.clone()))),
-    )?;
-    ins(
-        &mut bus,
-        devices::pit::PORT_B,
-        1,
-        Arc::new(Mutex::new(devices::pit::PortB(pit.clone()))),
-    )?;
-    ins(
-        &mut bus,
-        devices::acpi_pm::BASE,
-        devices::acpi_pm::LEN,
-        pm.clone(),
-    )?;
-    ins(
-        &mut bus,
-        devices::acpi_pm::RESET_PORT,
-        1,
-        Arc::new(Mutex::new(devices::acpi_pm::ResetPort::new(events.clone()))),
-    )?;
-    let bus = Arc::new(bus);
+    let irq = |gsi| -> Arc<dyn IrqLine> { platform::irq_line(&part, gsi) };
 
     let syscall_fixup = if facts.syscall_broken {
         Some(Arc::new(
@@ -727,71 +457,17 @@ fn run_once(
     }
     // The enlightened partition: hv1 behind the synthetic MSRs, the hypercall port and CPUID.
     let tsc_clock = Arc::new(enlightened::GuestTsc::default());
-    let mut vmbus: Option<Arc<vmbus_server::VmbusServer>> = None;
-    let mut services = services::Services::default();
-    let enl = if cfg.enlightenments {
+    let (enl, vmbus, services) = if cfg.enlightenments {
         msr_ranges.push(hypervisor::MsrRange {
             base: enlightened::SYNTHETIC_MSRS.0,
             count: enlightened::SYNTHETIC_MSRS.1,
             read: true,
             write: true,
         });
-        let hv = hv1::Hv1::new(
-            hv1::Config {
-                vp_count: cfg.cpus,
-                tsc_hz: u64::from(facts.tsc_khz) * 1000,
-                time_scale: scale,
-            },
-            tsc_clock.clone(),
-        )
-        .map_err(|e| WorkerError::Host(format!("synthetic interface: {e}")))?;
-        let hv = Arc::new(hv);
-        let synic = Arc::new(enlightened::Synic {
-            hv: hv.clone(),
-            ram: enlightened::Ram(mem.clone()),
-            irq: enlightened::Irq(part.clone()),
-        });
-        let server = Arc::new(
-            vmbus_server::VmbusServer::new(
-                vmbus_server::ServerConfig {
-                    vp_count: cfg.cpus,
-                    ..Default::default()
-                },
-                synic,
-                Arc::new(enlightened::VmbusRam(mem.clone())),
-            )
-            .map_err(|e| WorkerError::Host(format!("starting VMBus: {e}")))?,
-        );
-        let ic_cfg = ic::IcConfig {
-            heartbeat: cfg.ic.heartbeat.then(ic::HeartbeatConfig::default),
-            shutdown: cfg.ic.shutdown.then(ic::shutdown::ShutdownConfig::default),
-            timesync: cfg.ic.timesync.then(|| {
-                let hv = hv.clone();
-                ic::timesync::TimesyncConfig::new(move || hv.reference_time())
-            }),
-            kvp: cfg.ic.kvp.then(ic::KvpConfig::default),
-        };
-        let (vsps, handles) = ic::create(&cfg.id, ic_cfg);
-        for v in vsps {
-            server
-                .add_device(Box::new(v))
-                .map_err(|e| WorkerError::Host(format!("adding an integration service: {e}")))?;
-        }
-        services.ic = handles;
-        if cfg.vmbus_echo {
-            server
-                .add_device(Box::new(enlightened::EchoVsp::new()))
-                .map_err(|e| WorkerError::Host(format!("adding the echo device: {e}")))?;
-        }
-        vmbus = Some(server.clone());
-        Some(Arc::new(enlightened::Enlightened {
-            hv,
-            ram: enlightened::Ram(mem.clone()),
-            irq: enlightened::Irq(part.clone()),
-            handler: Arc::new(enlightened::ToServer(server)),
-        }))
+        let (e, v, s) = enlightened::build(cfg, facts, scale, &part, &mem, tsc_clock.clone())?;
+        (Some(e), Some(v), s)
     } else {
-        None
+        (None, None, services::Services::default())
     };
     if !msr_ranges.is_empty() {
         part.set_msr_intercepts(&MsrIntercepts { ranges: msr_ranges })
@@ -840,7 +516,7 @@ fn run_once(
     let stop_ticker = Arc::new(AtomicBool::new(false));
     let ticker = {
         let (pit, time, irq0, stop) = (
-            pit.clone(),
+            platform.pit.clone(),
             time.clone(),
             irq(devices::pit::IRQ),
             stop_ticker.clone(),
@@ -851,7 +527,7 @@ fn run_once(
             .map_err(|e| WorkerError::Host(format!("starting the PIT thread: {e}")))?
     };
     if let Some(hub) = &console.hub {
-        hub.set_uart(uart.clone());
+        hub.set_uart(platform.uart.clone());
     }
     if let Some(input) = console
         .input
@@ -862,7 +538,7 @@ fn run_once(
         let c = control.clone();
         console::pump_input(
             input,
-            uart.clone(),
+            platform.uart.clone(),
             console.input_stop.clone(),
             console.escape,
             move || c.stop(StopReason::UserQuit),
@@ -870,13 +546,13 @@ fn run_once(
     }
     hub.boot_started(Arc::new(control::BootHandles {
         control: control.clone(),
-        pm: pm.clone(),
+        pm: platform.pm.clone(),
         services: services.clone(),
     }));
     let mut handles = Vec::new();
     for vp in vps {
         let ctx = vcpu::VpContext {
-            bus: bus.clone(),
+            bus: platform.bus.clone(),
             mem: mem.clone(),
             syscall_fixup: syscall_fixup.clone(),
             enlightened: enl.clone(),
@@ -936,7 +612,7 @@ fn run_once(
         }
     }
     stop_ticker.store(true, Ordering::Relaxed);
-    devices::pit::Ticker::wake(&pit);
+    devices::pit::Ticker::wake(&platform.pit);
     let _ = ticker.join();
     let _ = console
         .out
@@ -944,33 +620,13 @@ fn run_once(
         .unwrap_or_else(|e| e.into_inner())
         .flush();
     hub.boot_ended(stats);
-    *cmos_state = Some(cmos.lock().unwrap_or_else(|e| e.into_inner()).state.clone());
+    *cmos_state = Some(platform.cmos_state());
     if let Some(v) = vmbus {
         v.shutdown();
     }
-    drop(bus);
+    drop(platform);
     drop(part);
     Ok(reason)
-}
-
-/// One of the i8042's two ports on the bus (offset 0 = data 0x60, 4 = command/status 0x64).
-struct I8042Port(Arc<Mutex<devices::i8042::I8042>>, u16);
-
-impl devices::PortDevice for I8042Port {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
-        devices::PortDevice::read(
-            &mut *self.0.lock().unwrap_or_else(|e| e.into_inner()),
-            self.1,
-            data,
-        );
-    }
-    fn write(&mut self, _offset: u16, data: &[u8]) {
-        devices::PortDevice::write(
-            &mut *self.0.lock().unwrap_or_else(|e| e.into_inner()),
-            self.1,
-            data,
-        );
-    }
 }
 
 #[cfg(test)]
