@@ -149,6 +149,10 @@ struct RunArgs {
     /// Do not offer the key-value pair exchange integration service.
     #[arg(long)]
     no_kvp: bool,
+    /// Attach a disk (VHDX, raw image or block device) to a SCSI controller:
+    /// `PATH[,ro][,controller=N][,lun=M]`. Repeatable.
+    #[arg(long = "disk", value_name = "SPEC")]
+    disks: Vec<String>,
     /// The VM's id (a GUID); it seeds the stable instance ids of its devices.
     #[arg(long)]
     id: Option<String>,
@@ -188,10 +192,57 @@ fn parse_guid(s: &str) -> Result<[u8; 16], String> {
     Ok(out)
 }
 
+/// Parses `PATH[,ro][,controller=N][,lun=M]`.
+fn parse_disk(spec: &str) -> Result<worker::DiskSpec, String> {
+    let mut parts = spec.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| format!("--disk '{spec}': no path"))?;
+    let mut d = worker::DiskSpec {
+        path: path.into(),
+        read_only: false,
+        controller: 0,
+        lun: None,
+    };
+    for p in parts {
+        match p.split_once('=') {
+            None if p == "ro" => d.read_only = true,
+            None if p == "rw" => d.read_only = false,
+            Some(("controller", v)) => {
+                d.controller = v
+                    .parse()
+                    .map_err(|_| format!("--disk '{spec}': bad controller '{v}'"))?
+            }
+            Some(("lun", v)) => {
+                d.lun = Some(
+                    v.parse()
+                        .map_err(|_| format!("--disk '{spec}': bad lun '{v}'"))?,
+                )
+            }
+            _ => {
+                return Err(format!(
+                    "--disk '{spec}': unknown option '{p}' (ro, controller=N, lun=M)"
+                ))
+            }
+        }
+    }
+    Ok(d)
+}
+
 fn run(a: RunArgs) -> ExitCode {
     let memory = match worker::parse_size(&a.memory) {
         Ok(m) => m,
         Err(e) => return fail(2, &format!("--memory: {e}")),
+    };
+    let disks = match a
+        .disks
+        .iter()
+        .map(|d| parse_disk(d))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(d) => d,
+        Err(e) => return fail(2, &e),
     };
     let id = match a.id.as_deref().map(parse_guid).transpose() {
         Ok(id) => id.unwrap_or(*b"verdigris-vm-id!"),
@@ -225,6 +276,7 @@ fn run(a: RunArgs) -> ExitCode {
             kvp: !a.no_kvp,
         },
         id,
+        disks,
     };
     match worker::run(cfg) {
         Ok(s) => {

@@ -82,6 +82,7 @@ fn through_worker(n: u64) -> f64 {
         control: None,
         ic: Default::default(),
         id: [0; 16],
+        disks: vec![],
     })
     .unwrap();
     assert_eq!(s.reason, worker::StopReason::PowerOff);

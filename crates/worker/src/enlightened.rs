@@ -267,6 +267,40 @@ pub fn vmbus_acpi_device() -> Vec<u8> {
     v
 }
 
+/// Zero-copy guest RAM for the storage data path.
+pub struct DirectRam(pub Arc<GuestMemoryMmap>);
+
+// SAFETY: `host_ptr` returns a pointer only when the whole range is guest RAM in one
+// contiguous host mapping (checked with `check_range` and by taking the region's own pointer);
+// the mapping lives as long as the `GuestMemoryMmap` this object holds an `Arc` of, and it is
+// the same memory `VmbusRam` reads and writes.
+unsafe impl storvsp::GuestMemoryMap for DirectRam {
+    fn host_ptr(&self, gpa: u64, len: usize) -> Option<std::ptr::NonNull<u8>> {
+        use vm_memory::GuestMemoryRegion;
+        if len == 0 || !self.0.check_range(GuestAddress(gpa), len) {
+            return None;
+        }
+        let region = self.0.find_region(GuestAddress(gpa))?;
+        let off = gpa - region.start_addr().0;
+        if off.checked_add(len as u64)? > region.len() {
+            return None; // spans two regions: not contiguous on the host
+        }
+        let p = region
+            .get_host_address(vm_memory::MemoryRegionAddress(off))
+            .ok()?;
+        std::ptr::NonNull::new(p)
+    }
+}
+
+/// A disk attached to a VM's SCSI controllers.
+#[derive(Clone)]
+pub struct AttachedDisk {
+    pub backend: Arc<dyn disk::BlockBackend>,
+    pub controller: u32,
+    pub lun: u8,
+    pub read_only: bool,
+}
+
 /// Builds the enlightened side of a partition: hv1, the VMBus server with the configured
 /// devices (integration services, the echo test device), and the handles the control socket
 /// uses.
@@ -277,6 +311,7 @@ pub(crate) fn build(
     part: &Arc<Partition>,
     mem: &Arc<GuestMemoryMmap>,
     tsc_clock: Arc<GuestTsc>,
+    disks: &[AttachedDisk],
 ) -> Result<
     (
         Arc<Enlightened>,
@@ -327,6 +362,32 @@ pub(crate) fn build(
         server
             .add_device(Box::new(v))
             .map_err(|e| WorkerError::Host(format!("adding an integration service: {e}")))?;
+    }
+    let mut controllers: Vec<u32> = disks.iter().map(|d| d.controller).collect();
+    controllers.sort_unstable();
+    controllers.dedup();
+    for c in controllers {
+        let mut config =
+            storvsp::ControllerConfig::new(storvsp::controller::instance_id(&cfg.id, c));
+        config.guest_memory = Some(Arc::new(DirectRam(mem.clone())));
+        let (vsp, handle) = storvsp::controller::StorageController::new(config);
+        for d in disks.iter().filter(|d| d.controller == c) {
+            handle
+                .add_lun(
+                    d.lun,
+                    d.backend.clone(),
+                    storvsp::controller::LunOptions {
+                        read_only: d.read_only,
+                        unmap: !d.read_only,
+                    },
+                )
+                .map_err(|e| {
+                    WorkerError::Config(format!("SCSI controller {c}, LUN {}: {e}", d.lun))
+                })?;
+        }
+        server
+            .add_device(Box::new(vsp))
+            .map_err(|e| WorkerError::Host(format!("adding SCSI controller {c}: {e}")))?;
     }
     if cfg.vmbus_echo {
         server

@@ -71,6 +71,63 @@ pub struct VmConfig {
     pub ic: services::IcSettings,
     /// The VM's identity: seeds its stable device instance GUIDs.
     pub id: [u8; 16],
+    /// Disks on SCSI controllers (storvsp over VMBus; needs enlightenments).
+    pub disks: Vec<DiskSpec>,
+}
+
+/// A disk to attach: an image file (VHDX or raw) or a host block device (passthrough).
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// SCSI controller index (one VMBus storage device each).
+    pub controller: u32,
+    /// LUN on that controller; None = the next free one.
+    pub lun: Option<u8>,
+}
+
+/// Opens every disk (refusing bad images before anything else starts) and assigns LUNs.
+fn open_disks(cfg: &VmConfig) -> Result<Vec<enlightened::AttachedDisk>, WorkerError> {
+    if !cfg.disks.is_empty() && !cfg.enlightenments {
+        return Err(WorkerError::Config(
+            "disks are attached through the SCSI storage VSP over VMBus: they need enlightenments"
+                .into(),
+        ));
+    }
+    let mut out: Vec<enlightened::AttachedDisk> = Vec::new();
+    for d in &cfg.disks {
+        if d.controller > 63 {
+            return Err(WorkerError::Config(format!(
+                "SCSI controller {} is out of range (0-63)",
+                d.controller
+            )));
+        }
+        let backend = disk::open_disk(&d.path, d.read_only)
+            .map_err(|e| WorkerError::Config(format!("disk {}: {e}", d.path.display())))?;
+        let used = |l: u8| {
+            out.iter()
+                .any(|o| o.controller == d.controller && o.lun == l)
+        };
+        let lun = match d.lun {
+            Some(l) if used(l) => {
+                return Err(WorkerError::Config(format!(
+                    "LUN {l} of SCSI controller {} is given twice",
+                    d.controller
+                )))
+            }
+            Some(l) => l,
+            None => (0..64u8).find(|l| !used(*l)).ok_or_else(|| {
+                WorkerError::Config(format!("SCSI controller {} is full", d.controller))
+            })?,
+        };
+        out.push(enlightened::AttachedDisk {
+            backend: Arc::from(backend),
+            controller: d.controller,
+            lun,
+            read_only: d.read_only,
+        });
+    }
+    Ok(out)
 }
 
 /// Why the VM stopped.
@@ -281,6 +338,7 @@ fn load_inputs(cfg: &VmConfig, max_vps: usize) -> Result<(Vec<u8>, Option<Vec<u8
 pub fn run(mut cfg: VmConfig) -> Result<RunSummary, WorkerError> {
     let hv = Hypervisor::open().map_err(|e| WorkerError::Host(e.to_string()))?;
     let (kernel, initrd) = load_inputs(&cfg, hv.capabilities().max_vps)?;
+    let disks = open_disks(&cfg)?;
     let facts = host::probe(&hv).map_err(WorkerError::Host)?;
     let scale = cfg.time_scale.unwrap_or_else(|| facts.default_time_scale());
     let mut notes = vec![format!(
@@ -335,6 +393,7 @@ pub fn run(mut cfg: VmConfig) -> Result<RunSummary, WorkerError> {
             &mut stats,
             &mut cmos,
             &hub,
+            &disks,
         )?;
         if reason == StopReason::Reboot && cfg.on_reboot == RebootAction::Restart && boots < 1000 {
             continue;
@@ -363,6 +422,7 @@ fn run_once(
     stats: &mut Stats,
     cmos_state: &mut Option<devices::cmos::CmosState>,
     hub: &Arc<control::ControlHub>,
+    disks: &[enlightened::AttachedDisk],
 ) -> Result<StopReason, WorkerError> {
     let herr =
         |what: &'static str| move |e: hypervisor::Error| WorkerError::Host(format!("{what}: {e}"));
@@ -464,7 +524,8 @@ fn run_once(
             read: true,
             write: true,
         });
-        let (e, v, s) = enlightened::build(cfg, facts, scale, &part, &mem, tsc_clock.clone())?;
+        let (e, v, s) =
+            enlightened::build(cfg, facts, scale, &part, &mem, tsc_clock.clone(), disks)?;
         (Some(e), Some(v), s)
     } else {
         (None, None, services::Services::default())
