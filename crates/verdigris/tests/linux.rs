@@ -92,18 +92,22 @@ impl Drop for Vm {
     }
 }
 
-#[test]
-fn stock_kernel_boots_uses_vmbus_integration_services_and_shuts_down_on_request() {
-    let a = assets();
-    let dir = tempfile::tempdir().unwrap();
-    let console = dir.path().join("com1");
-    let sock = dir.path().join("control.sock");
+fn boot(a: &HashMap<String, String>, dir: &Path, name: &str, script: &str) -> Vm {
+    let console = dir.join(format!("{name}.com1"));
+    let sock = dir.join(format!("{name}.sock"));
     let child = verdigris()
         .args(["run", "--kernel", &a["KERNEL"], "--initrd", &a["INITRD"]])
         // A user's plain command line plus the initramfs's script selector: whatever this
         // host needs of the guest, the worker adds itself.
-        .args(["--cmdline", "console=ttyS0 verdigris.script=ic"])
+        .args([
+            "--cmdline",
+            &format!("console=ttyS0 verdigris.script={script}"),
+        ])
         .args(["--memory", "512M", "--cpus", "2"])
+        .arg("--disk")
+        .arg(dir.join("disk.vhdx"))
+        .arg("--disk")
+        .arg(format!("{},ro", dir.join("ro.raw").display()))
         .arg("--serial")
         .arg(format!("file:{}", console.display()))
         .arg("--control")
@@ -111,11 +115,41 @@ fn stock_kernel_boots_uses_vmbus_integration_services_and_shuts_down_on_request(
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut vm = Vm {
+    Vm {
         child,
         console,
         sock,
-    };
+    }
+}
+
+/// "verdigris-guest: md5 <sum> <file>" lines.
+fn checksums(console: &str) -> Vec<(String, String)> {
+    console
+        .lines()
+        .filter_map(|l| l.split("verdigris-guest: md5 ").nth(1))
+        .filter_map(|r| r.trim().split_once(' '))
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+#[test]
+fn stock_kernel_boots_uses_vmbus_integration_services_storage_and_shuts_down_on_request() {
+    let a = assets();
+    let dir = tempfile::tempdir().unwrap();
+    // A 64 MiB dynamic VHDX (read-write) and a 16 MiB raw disk with a pattern (read-only).
+    let o = verdigris()
+        .args(["new-vhd"])
+        .arg(dir.path().join("disk.vhdx"))
+        .args(["--size", "64M"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ro: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(dir.path().join("ro.raw"), &ro).unwrap();
+    let ro_md5 = md5_hex(&ro[..1 << 20]);
+    let mut vm = boot(&a, dir.path(), "first", "ic");
 
     // Issue 2: the kernel boots, reaches user space on 2 VPs and runs commands.
     let want = format!(
@@ -128,6 +162,29 @@ fn stock_kernel_boots_uses_vmbus_integration_services_and_shuts_down_on_request(
         c.contains("Hypervisor detected: Microsoft Hyper-V"),
         "enlightened by default"
     );
+
+    // Issue 4: a VHDX through hv_storvsc: ext4 made, files written; the read-only LUN reads
+    // back our bytes and refuses writes.
+    let c = vm.wait_console("the storage step", |c| {
+        c.contains("verdigris-guest: clock set back")
+    });
+    assert!(
+        c.contains("verdigris-guest: storage written"),
+        "{}",
+        tail(&c, 3000)
+    );
+    assert!(
+        c.contains(&format!("verdigris-guest: ro md5 {ro_md5}")),
+        "{}",
+        tail(&c, 3000)
+    );
+    assert!(
+        c.contains("verdigris-guest: ro write refused"),
+        "{}",
+        tail(&c, 3000)
+    );
+    let written = checksums(&c);
+    assert_eq!(written.len(), 3, "{}", tail(&c, 3000));
 
     // Issue 3: VMBus offers, with the integration services' class GUIDs.
     let c = vm.wait_console("the VMBus device list", |c| {
@@ -218,6 +275,100 @@ fn stock_kernel_boots_uses_vmbus_integration_services_and_shuts_down_on_request(
     assert_eq!(status.code(), Some(0), "{err}");
     assert!(err.contains("the guest powered off"), "{err}");
     assert!(err.contains("quirks handled:"), "{err}");
+    drop(vm);
+
+    // The VHDX is consistent for qemu-img after the guest's writes and a clean power-off...
+    let q = std::process::Command::new("qemu-img")
+        .args(["check", "-f", "vhdx"])
+        .arg(dir.path().join("disk.vhdx"))
+        .output()
+        .expect("qemu-img");
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stdout));
+    // ...and a second boot reads every file back byte-exact.
+    let mut vm = boot(&a, dir.path(), "second", "storage2");
+    let c = vm.wait_console("the read-back", |c| {
+        c.contains("verdigris-guest: storage read back") || c.contains("storage FAILED")
+    });
+    assert!(
+        c.contains("verdigris-guest: storage read back"),
+        "{}",
+        tail(&c, 3000)
+    );
+    assert_eq!(checksums(&c), written);
+    let deadline = Instant::now() + Duration::from_secs(20 * 60);
+    let status = loop {
+        if let Some(s) = vm.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no power-off after the read-back"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
+/// MD5 as busybox's md5sum prints it (a tiny local implementation: RFC 1321).
+fn md5_hex(data: &[u8]) -> String {
+    let s: [u32; 64] = [
+        7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 5, 9, 14, 20, 5, 9, 14, 20, 5,
+        9, 14, 20, 5, 9, 14, 20, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 6, 10,
+        15, 21, 6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21,
+    ];
+    let k: Vec<u32> = (0..64)
+        .map(|i| ((i as f64 + 1.0).sin().abs() * 4294967296.0) as u32)
+        .collect();
+    let (mut a0, mut b0, mut c0, mut d0) =
+        (0x67452301u32, 0xefcdab89u32, 0x98badcfeu32, 0x10325476u32);
+    let mut msg = data.to_vec();
+    msg.push(0x80);
+    while msg.len() % 64 != 56 {
+        msg.push(0);
+    }
+    msg.extend_from_slice(&((data.len() as u64) * 8).to_le_bytes());
+    for chunk in msg.chunks(64) {
+        let m: Vec<u32> = chunk
+            .chunks(4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect();
+        let (mut a, mut b, mut c, mut d) = (a0, b0, c0, d0);
+        for i in 0..64 {
+            let (f, g) = match i / 16 {
+                0 => ((b & c) | (!b & d), i),
+                1 => ((d & b) | (!d & c), (5 * i + 1) % 16),
+                2 => (b ^ c ^ d, (3 * i + 5) % 16),
+                _ => (c ^ (b | !d), (7 * i) % 16),
+            };
+            let f = f.wrapping_add(a).wrapping_add(k[i]).wrapping_add(m[g]);
+            a = d;
+            d = c;
+            c = b;
+            b = b.wrapping_add(f.rotate_left(s[i]));
+        }
+        a0 = a0.wrapping_add(a);
+        b0 = b0.wrapping_add(b);
+        c0 = c0.wrapping_add(c);
+        d0 = d0.wrapping_add(d);
+    }
+    [a0, b0, c0, d0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn md5_matches_the_reference_vectors() {
+    assert_eq!(md5_hex(b""), "d41d8cd98f00b204e9800998ecf8427e");
+    assert_eq!(md5_hex(b"abc"), "900150983cd24fb0d6963f7d28e17f72");
+    let long = vec![b'a'; 1000];
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("head -c 1000 /dev/zero | tr '\\0' a | md5sum")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&md5_hex(&long)));
 }
 
 fn tail(s: &str, n: usize) -> &str {
