@@ -11,8 +11,12 @@ every symlink resolves inside the archive; every kernel module matches the
 kernel version, its `depends=` closure is present (or built in) and listed in
 modules.dep, and (with --vmlinux, or VMLINUX from --assets) every symbol it
 needs is exported by the kernel or another module in the archive; the
-required modules are there; every dynamic executable finds its interpreter
-and libraries, every script its #! interpreter. Exit status 0 = OK,
+required modules are there; every dynamic executable and library finds its
+interpreter and libraries (as ELF files inside the archive), every script
+its #! interpreter; e2fsprogs' /sbin/mke2fs, e2fsck and dumpe2fs are real
+programs (not busybox's ext2-only applet), /sbin/mkfs.ext4 and fsck.ext4
+lead to them and /etc/mke2fs.conf gives ext4 its journal and extents. Exit
+status 0 = OK,
 1 = problems (one `check-initramfs: error:` line each).
 """
 

@@ -2,12 +2,12 @@
 # Fetch and prepare the stock Debian 12 Linux guest for Verdigris.
 #
 # Downloads (apt-get download, never installs) the current Debian 12 cloud
-# kernel, busybox-static, hyperv-daemons and libc6 into a cache outside git,
-# then builds there:
+# kernel, busybox-static, hyperv-daemons, libc6, e2fsprogs and the library
+# packages e2fsprogs depends on into a cache outside git, then builds there:
 #   vmlinuz-<ver>          the bzImage exactly as Debian ships it
 #   vmlinux-<ver>          the same kernel decompressed on the host (ELF)
 #   initramfs-<ver>.cpio   an uncompressed newc initramfs (busybox, /init,
-#                          Hyper-V modules, hyperv-daemons)
+#                          Hyper-V modules, hyperv-daemons, mkfs.ext4/e2fsck)
 #   assets.env             KERNEL=, VMLINUX=, INITRD=, KERNEL_VERSION=, ...
 # Idempotent: a second run downloads nothing and rebuilds nothing unless the
 # inputs changed. See README.md in this directory.
@@ -110,8 +110,12 @@ ensure_tool depmod kmod
 
 # ---- resolve the package set --------------------------------------------
 
-declare -A VER
+# Packages fetched besides the kernel, in this order after it (state.txt
+# keeps the order), then the library packages of e2fsprogs.
+FIXED=(busybox-static hyperv-daemons libc6 e2fsprogs)
+declare -A VER DEPS
 PKGS=()
+E2FS_LIBS=()
 
 # Candidate records of several packages, one `apt-cache show` call (each
 # call parses all indexes: ~0.7 s). Fails when apt knows one of them not.
@@ -119,29 +123,80 @@ show_candidates() {
 	apt-cache show --no-all-versions "$@" 2>/dev/null
 }
 
-# Fill VER[], PKGS and META_VER from the candidate of $META and its
-# "Depends: linux-image-<ver>-cloud-amd64 (= <version>)".
-resolve() {
-	local out line cur="" kdep="" kver=""
-	if ! out=$(show_candidates "$META" busybox-static hyperv-daemons libc6); then
+# SHOW_OUT = the candidate records of packages; runs apt-get update once
+# if apt does not know one of them.
+show_known() { # what-for packages...
+	local what=$1
+	shift
+	if ! SHOW_OUT=$(show_candidates "$@"); then
 		apt_update_once
-		out=$(show_candidates "$META" busybox-static hyperv-daemons libc6) ||
-			die "apt does not know $META, busybox-static, hyperv-daemons and libc6 (is this Debian 12 with 'main' enabled?)"
+		SHOW_OUT=$(show_candidates "$@") ||
+			die "apt does not know $what (is this Debian 12 with 'main' enabled?)"
 	fi
-	VER=()
+}
+
+# Fill VER[] and DEPS[] (Depends and Pre-Depends joined by ", ") from
+# `apt-cache show` records.
+parse_records() {
+	local line cur=""
 	while IFS= read -r line; do
 		case $line in
 		"Package: "*) cur=${line#Package: } ;;
 		"Version: "*) VER[$cur]=${line#Version: } ;;
-		"Depends: "*)
-			if [ "$cur" = "$META" ]; then
-				kdep=$(tr ',|' '\n' <<<"${line#Depends: }" | sed 's/^ *//' |
-					grep -E '^linux-image-[0-9][^ ]*-cloud-amd64( |$)' | head -n 1) || true
-			fi
-			;;
+		"Depends: "* | "Pre-Depends: "*) DEPS[$cur]="${DEPS[$cur]:+${DEPS[$cur]}, }${line#*: }" ;;
 		esac
-	done <<<"$out"
+	done <<<"$1"
+}
+
+# The shared-library packages (Debian names them lib<soname>) among the
+# Depends/Pre-Depends of a package: first alternatives, without versions
+# or architecture qualifiers, minus the fixed set.
+lib_deps() { # package
+	local name
+	tr ',' '\n' <<<"${DEPS[$1]:-}" | sed -E 's/^ *//; s/ *\|.*//; s/[ (:].*//' |
+		while IFS= read -r name; do
+			case " ${FIXED[*]} " in *" $name "*) continue ;; esac
+			[[ $name != lib* ]] || printf '%s\n' "$name"
+		done
+}
+
+# Every versioned relation between fetched packages must hold for apt's
+# candidates (e2fsprogs wants libext2fs2 of exactly its own version).
+check_relations() {
+	local p rel name op want
+	declare -A fetched=()
+	for p in "${PKGS[@]}"; do fetched[$p]=1; done
+	for p in "${PKGS[@]}"; do
+		while IFS= read -r rel; do
+			[[ $rel =~ ^\ *([^\ :\(]+)(:[a-z0-9]+)?\ *\(([<>=]+)\ *([^\)]+)\) ]] || continue
+			name=${BASH_REMATCH[1]} op=${BASH_REMATCH[3]} want=${BASH_REMATCH[4]}
+			[ -n "${fetched[$name]:-}" ] || continue
+			dpkg --compare-versions "${VER[$name]}" "$op" "$want" ||
+				die "$p ${VER[$p]} needs $name ($op $want) but apt's candidate is ${VER[$name]}"
+		done < <(tr ',' '\n' <<<"${DEPS[$p]:-}" | sed 's/ *|.*//')
+	done
+}
+
+# Fill VER[], DEPS[], PKGS, E2FS_LIBS and META_VER from the candidate of
+# $META and its "Depends: linux-image-<ver>-cloud-amd64 (= <version>)", and
+# from the library packages e2fsprogs depends on (transitively; their real
+# names come from apt, e.g. libext2fs2 here, libext2fs2t64 on later releases).
+resolve() {
+	local kdep="" kver="" p q hints=()
+	VER=() DEPS=() E2FS_LIBS=()
+	# The library packages of the last run go into the same apt-cache call
+	# (each call costs ~1 s); should apt know one of them no longer, ask
+	# again without them.
+	if [ -f "$STATE" ]; then
+		mapfile -t hints < <(awk 'NR > 6 && $1 ~ /^lib[a-z0-9][a-z0-9+.-]*$/ { print $1 }' "$STATE")
+	fi
+	if [ "${#hints[@]}" = 0 ] || ! SHOW_OUT=$(show_candidates "$META" "${FIXED[@]}" "${hints[@]}"); then
+		show_known "$META, ${FIXED[*]}" "$META" "${FIXED[@]}"
+	fi
+	parse_records "$SHOW_OUT"
 	[ -n "${VER[$META]:-}" ] || die "apt has no candidate for $META"
+	kdep=$(tr ',|' '\n' <<<"${DEPS[$META]:-}" | sed 's/^ *//' |
+		grep -E '^linux-image-[0-9][^ ]*-cloud-amd64( |$)' | head -n 1) || true
 	[ -n "$kdep" ] || die "no linux-image-<ver>-cloud-amd64 in the Depends of $META ${VER[$META]}"
 	META_VER=${VER[$META]}
 	kpkg=${kdep%% *}
@@ -152,11 +207,37 @@ resolve() {
 	fi
 	[ -n "$kver" ] || die "apt has no version of $kpkg"
 	VER[$kpkg]=$kver
-	PKGS=("$kpkg" busybox-static hyperv-daemons libc6)
-	local p
-	for p in "${PKGS[@]}"; do
+	for p in "${FIXED[@]}"; do
 		[ -n "${VER[$p]:-}" ] || die "apt has no installable version of $p"
 	done
+
+	declare -A seen=()
+	local todo=() next=() unknown=()
+	mapfile -t todo < <(lib_deps e2fsprogs)
+	[ "${#todo[@]}" -gt 0 ] || die "apt lists no library packages in the dependencies of e2fsprogs ${VER[e2fsprogs]}"
+	for p in "${todo[@]}"; do seen[$p]=1; done
+	while [ "${#todo[@]}" -gt 0 ]; do
+		unknown=()
+		for p in "${todo[@]}"; do [ -n "${VER[$p]:-}" ] || unknown+=("$p"); done
+		if [ "${#unknown[@]}" -gt 0 ]; then
+			show_known "the libraries of e2fsprogs: ${unknown[*]}" "${unknown[@]}"
+			parse_records "$SHOW_OUT"
+		fi
+		next=()
+		for p in "${todo[@]}"; do
+			[ -n "${VER[$p]:-}" ] || die "apt has no installable version of $p (a library of e2fsprogs)"
+			E2FS_LIBS+=("$p")
+			for q in $(lib_deps "$p"); do
+				[ -z "${seen[$q]:-}" ] || continue
+				seen[$q]=1
+				next+=("$q")
+			done
+		done
+		todo=("${next[@]}")
+	done
+	mapfile -t E2FS_LIBS < <(printf '%s\n' "${E2FS_LIBS[@]}" | sort)
+	PKGS=("$kpkg" "${FIXED[@]}" "${E2FS_LIBS[@]}")
+	check_relations
 }
 
 deb_file() { # package version -> path of the cached .deb, or nothing
@@ -205,7 +286,10 @@ if [ "$OFFLINE" = 1 ]; then
 			;;
 		esac
 	done <"$STATE"
-	[ "${#PKGS[@]}" = 4 ] || die "$STATE is damaged; run without --offline"
+	if [ "${#PKGS[@]}" -lt 5 ] || [ "${PKGS[*]:1:4}" != "${FIXED[*]}" ]; then
+		die "$STATE is damaged or from an older package set; run once without --offline"
+	fi
+	E2FS_LIBS=("${PKGS[@]:5}")
 	[ -z "$(missing_debs)" ] || die "--offline: cached packages are missing: $(missing_debs | tr '\n' ' ')"
 else
 	[ "$REFRESH" = 0 ] || apt_update_once
@@ -285,12 +369,14 @@ vmlinux_json=$(py vmlinux "$KERNEL" --out "$VMLINUX") || die "could not decompre
 # ---- initramfs -------------------------------------------------------------
 
 INITRD="$CACHE/initramfs-$KVER.cpio"
-force=()
+force=() lib_roots=()
 [ "$FORCE" = 0 ] || force=(--force)
+for p in "${E2FS_LIBS[@]}"; do lib_roots+=(--lib-root "${TREE[$p]}"); done
 initrd_json=$(py build-initramfs \
 	--kernel-root "${TREE[$KPKG]}" --kernel-version "$KVER" \
 	--busybox-root "${TREE[busybox-static]}" --hyperv-root "${TREE[hyperv-daemons]}" \
-	--libc-root "${TREE[libc6]}" --overlay "$HERE/rootfs" --depmod "$(command -v depmod)" \
+	--libc-root "${TREE[libc6]}" --e2fsprogs-root "${TREE[e2fsprogs]}" "${lib_roots[@]}" \
+	--overlay "$HERE/rootfs" --depmod "$(command -v depmod)" \
 	--out "$INITRD" "${force[@]}") || die "building $INITRD failed"
 check_out=$(python3 -B "$HERE/check-initramfs.py" "$INITRD" --kernel-version "$KVER" --vmlinux "$VMLINUX" 2>&1) ||
 	die "the new initramfs fails its check:"$'\n'"$check_out"
@@ -342,6 +428,9 @@ EOF
 )
 echo "verdigris linux guest assets in $CACHE"
 echo "  packages: $KPKG ${VER[$KPKG]} (from $META $META_VER), busybox-static ${VER[busybox-static]}, hyperv-daemons ${VER[hyperv-daemons]}, libc6 ${VER[libc6]}"
+libs=""
+for p in "${E2FS_LIBS[@]}"; do libs+="${libs:+, }$p ${VER[$p]}"; done
+echo "  e2fsprogs ${VER[e2fsprogs]} with $libs"
 [ "${#DOWNLOADED[@]}" = 0 ] || echo "  downloaded: ${DOWNLOADED[*]}"
 [ "${#INSTALLED[@]}" = 0 ] || echo "  installed host tools: ${INSTALLED[*]}"
 echo "  kernel compression: $COMPRESSION; ${summary%%$'\n'*}"

@@ -8,8 +8,8 @@ the files a VMM boots:
 * `vmlinux`   - the ELF kernel inside a bzImage, decompressed on the host
                 (`vmlinux` subcommand);
 * `initramfs` - an *uncompressed* newc cpio archive with busybox, /init, the
-                Hyper-V guest modules and the hyperv-daemons
-                (`build-initramfs` subcommand);
+                Hyper-V guest modules, the hyperv-daemons and the e2fsprogs
+                tools that make and check ext4 (`build-initramfs` subcommand);
 * a checker that reads such an archive back and verifies it (`check`
   subcommand, also reachable through `check-initramfs.py`).
 
@@ -35,10 +35,12 @@ each and avoid depending on binutils' output format.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import struct
@@ -76,6 +78,26 @@ HYPERV_DAEMONS = [
     "usr/sbin/hv_fcopy_daemon",
 ]
 HYPERV_HELPERS_DIR = "usr/libexec/hypervkvpd"
+
+# e2fsprogs programs put into /sbin (busybox's mke2fs makes ext2 only; the
+# storage tests need ext4). Debian 12 ships them in /sbin, later releases in
+# /usr/sbin; in the archive they are always /sbin/<name>, with their shared
+# libraries taken from the library packages e2fsprogs depends on.
+E2FSPROGS_PROGRAMS = ["mke2fs", "e2fsck", "dumpe2fs"]
+E2FSPROGS_PKG_DIRS = ["sbin", "usr/sbin"]
+# /sbin/<link> -> <program> (relative symlinks, as in Debian's package):
+# mke2fs and e2fsck take the file system type from the name they run as.
+E2FSPROGS_LINKS = {
+    "mkfs.ext2": "mke2fs",
+    "mkfs.ext3": "mke2fs",
+    "mkfs.ext4": "mke2fs",
+    "fsck.ext2": "e2fsck",
+    "fsck.ext3": "e2fsck",
+    "fsck.ext4": "e2fsck",
+}
+# Without it mke2fs falls back to built-in defaults that lack the ext4
+# features of Debian's configuration (extent, flex_bg, metadata_csum, 64bit).
+E2FSPROGS_CONFIG = "etc/mke2fs.conf"
 
 # Where glibc's dynamic loader looks without an ld.so.cache (Debian's
 # built-in system directories, see `ld.so --list-diagnostics`).
@@ -749,6 +771,9 @@ def stage_rootfs(args, stage: str) -> dict:
             os.symlink("/bin/busybox", dst)
     summary["applets"] = len(applets)
 
+    # e2fsprogs (before the overlay, so a file in rootfs/ would still win)
+    summary["e2fsprogs_files"] = stage_e2fsprogs(args, stage)
+
     # /init, /etc and the verdigris.d scripts from the overlay in the repo.
     for root, dirs, files in os.walk(args.overlay):
         dirs.sort()
@@ -805,13 +830,69 @@ def stage_rootfs(args, stage: str) -> dict:
         for fn in sorted(os.listdir(helpers)):
             starts.append((f"{HYPERV_HELPERS_DIR}/{fn}", os.path.join(helpers, fn)))
     closure = elf_closure(starts, [args.libc_root])
-    for rel, host in sorted(closure.items()):
-        dst = os.path.join(stage, rel)
-        _copy(host, dst)
+    _install_closure(closure, stage)
+    for rel in sorted(closure):
         if rel.startswith(HYPERV_HELPERS_DIR + "/"):
-            _bash_to_sh(dst)
+            _bash_to_sh(os.path.join(stage, rel))
     summary["hyperv_files"] = sorted(closure)
     return summary
+
+
+def stage_e2fsprogs(args, stage: str) -> list[str]:
+    """Put e2fsprogs' mke2fs, e2fsck and dumpe2fs into /sbin (replacing
+    busybox's ext2-only mke2fs applet link), with the mkfs.ext*/fsck.ext*
+    links, /etc/mke2fs.conf and every library they need: the PT_INTERP and
+    DT_NEEDED closure, looked up in the libc6 and e2fsprogs library package
+    trees only (never on the host). Returns the archive paths it added."""
+    root = args.e2fsprogs_root
+    lib_roots = [args.libc_root] + list(args.lib_root or [])
+    starts = []
+    for prog in E2FSPROGS_PROGRAMS:
+        cands = [f"{d}/{prog}" for d in E2FSPROGS_PKG_DIRS]
+        rel = next((c for c in cands if os.path.lexists(os.path.join(root, c))), None)
+        if rel is None:
+            raise GuestError(f"e2fsprogs package {root} has no {' or '.join('/' + c for c in cands)}")
+        host, _ = resolve_in_roots([root], rel)
+        starts.append((f"sbin/{prog}", host))
+    for name in E2FSPROGS_PROGRAMS + list(E2FSPROGS_LINKS):
+        dst = os.path.join(stage, "sbin", name)
+        if os.path.islink(dst) and os.readlink(dst) == "/bin/busybox":
+            os.unlink(dst)  # busybox's mke2fs applet: ext2 only
+        elif os.path.lexists(dst):
+            raise GuestError(f"/sbin/{name} is already staged by something other than busybox")
+    closure = elf_closure(starts, lib_roots)
+    added = _install_closure(closure, stage)
+    for link, prog in sorted(E2FSPROGS_LINKS.items()):
+        os.symlink(prog, os.path.join(stage, "sbin", link))
+        added.append(f"sbin/{link}")
+    conf = os.path.join(root, E2FSPROGS_CONFIG)
+    if not os.path.isfile(conf) or os.path.islink(conf):
+        raise GuestError(f"e2fsprogs package {root} has no /{E2FSPROGS_CONFIG}")
+    _copy(conf, os.path.join(stage, E2FSPROGS_CONFIG))
+    added.append(E2FSPROGS_CONFIG)
+    return sorted(added)
+
+
+def _install_closure(closure: dict[str, str], stage: str) -> list[str]:
+    """Copy an elf_closure() result into the staging tree; returns the
+    paths it added. A path already staged from the same file (the C library
+    both closures need) is left alone; a different file there is an error."""
+    added = []
+    for rel, host in sorted(closure.items()):
+        dst = os.path.join(stage, rel)
+        if os.path.lexists(dst):
+            if not _same_file(host, dst):
+                raise GuestError(f"/{rel}: two different files want this path (one is {host})")
+            continue
+        _copy(host, dst)
+        added.append(rel)
+    return added
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.islink(a) or os.path.islink(b):
+        return os.path.islink(a) and os.path.islink(b) and os.readlink(a) == os.readlink(b)
+    return filecmp.cmp(a, b, shallow=False)
 
 
 def _bash_to_sh(path: str):
@@ -1156,11 +1237,19 @@ def check_archive(
         except GuestError as ex:
             errors.append(str(ex))
             continue
-        if interp and _resolve_link(entries, interp) is None:
-            errors.append(f"/{e.name}: interpreter {interp} is missing")
+        if interp:
+            target = _resolve_link(entries, interp)
+            if target is None:
+                errors.append(f"/{e.name}: interpreter {interp} is missing")
+            elif not _is_elf_file(entries.get(target)):
+                errors.append(f"/{e.name}: interpreter {interp} leads to /{target}, which is not an ELF file")
         for lib in needed:
-            if not any(_resolve_link(entries, f"{d}/{lib}") for d in LIB_DIRS):
+            target = _find_archive_lib(entries, lib)
+            if target is None:
                 errors.append(f"/{e.name}: needs {lib}, which is missing")
+            elif not _is_elf_file(entries.get(target)):
+                # each library is itself checked by this loop only if it is an ELF file
+                errors.append(f"/{e.name}: needs {lib}, but /{target} is not an ELF file")
         checked += 1
     facts["elf_files"] = checked
     for e in entries_list:
@@ -1170,7 +1259,103 @@ def check_archive(
                 errors.append(f"/{e.name}: script interpreter {interp} is missing")
     for rel in HYPERV_DAEMONS:
         need(rel, "file", exec_=True)
+
+    # e2fsprogs: the real programs (not busybox's ext2-only mke2fs), their
+    # links, the configuration that gives ext4 its features. Their libraries
+    # are checked by the loop above (every ELF file, libraries included, must
+    # find its interpreter and DT_NEEDED libraries); this walk just names them.
+    libs: set[str] = set()
+    for prog in E2FSPROGS_PROGRAMS:
+        if need(f"sbin/{prog}", "file", exec_=True):
+            libs |= _archive_elf_closure(entries, f"sbin/{prog}") - {f"sbin/{prog}"}
+    for link, prog in sorted(E2FSPROGS_LINKS.items()):
+        if _resolve_link(entries, f"sbin/{link}") != f"sbin/{prog}":
+            errors.append(f"/sbin/{link} does not lead to /sbin/{prog}")
+    conf = need(E2FSPROGS_CONFIG, "file")
+    if conf:
+        features = mke2fs_conf_features(conf.data.decode(errors="replace"), "ext4")
+        lacking = [f for f in ("has_journal", "extent") if f not in features]
+        if lacking:
+            errors.append(f"/{E2FSPROGS_CONFIG} does not give ext4 the features {', '.join(lacking)}")
+    facts["e2fsprogs_libraries"] = sorted(libs)
     return errors, facts
+
+
+def _is_elf_file(e: Entry | None) -> bool:
+    return e is not None and e.kind == "file" and e.data.startswith(b"\x7fELF")
+
+
+def _find_archive_lib(entries: dict[str, Entry], lib: str) -> str | None:
+    """Final archive path of library `lib` as the loader finds it (first
+    of LIB_DIRS that has it), or None."""
+    for d in LIB_DIRS:
+        target = _resolve_link(entries, f"{d}/{lib}")
+        if target is not None:
+            return target
+    return None
+
+
+def _archive_elf_closure(entries: dict[str, Entry], path: str) -> set[str]:
+    """Final archive paths of `path` and everything it loads (interpreter
+    and DT_NEEDED, transitively) that the archive has. Missing or broken
+    pieces are left out: the per-file check reports them."""
+    found: set[str] = set()
+    todo = [path]
+    while todo:
+        p = todo.pop()
+        e = entries.get(p)
+        if p in found or not _is_elf_file(e):
+            continue
+        found.add(p)
+        try:
+            elf = Elf(e.data, "/" + p)
+            interp, needed = elf.interp(), elf.needed()
+        except GuestError:
+            continue
+        if interp:
+            t = _resolve_link(entries, interp)
+            if t:
+                todo.append(t)
+        for lib in needed:
+            t = _find_archive_lib(entries, lib)
+            if t:
+                todo.append(t)
+    return found
+
+
+def mke2fs_conf_features(text: str, fs_type: str) -> set[str]:
+    """Features that the `[fs_types] <fs_type> = { features = ... }`
+    stanza of an mke2fs.conf turns on (a `^name` turns one off). Enough of
+    the profile syntax for the check: sections, `name = {` ... `}` blocks,
+    `relation = value` lines, `#`/`;` comments."""
+    section = None
+    depth = 0
+    in_type = False
+    out: set[str] = set()
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if depth == 0 and line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*=\s*(.*)", line)
+        if m and m.group(2) == "{":
+            if depth == 0 and section == "fs_types" and m.group(1) == fs_type:
+                in_type = True
+            depth += 1
+        elif line == "}":
+            depth = max(depth - 1, 0)
+            if depth == 0:
+                in_type = False
+        elif m and in_type and depth == 1 and m.group(1) == "features":
+            for f in m.group(2).split(","):
+                f = f.strip()
+                if f.startswith("^"):
+                    out.discard(f[1:])
+                elif f:
+                    out.add(f)
+    return out
 
 
 def cmd_check(args) -> int:
@@ -1209,7 +1394,8 @@ def cmd_check(args) -> int:
         print(
             f"check-initramfs: OK {path}: {facts['size']} bytes, {facts['entries']} entries, "
             f"kernel {facts['kernel_version']}, {len(facts['modules'])} modules"
-            f"{' (symbols resolved)' if facts.get('symbols_checked') else ''}, {facts['elf_files']} ELF files"
+            f"{' (symbols resolved)' if facts.get('symbols_checked') else ''}, {facts['elf_files']} ELF files, "
+            f"e2fsprogs {'/'.join(E2FSPROGS_PROGRAMS)} with {len(facts['e2fsprogs_libraries'])} library files"
         )
     return 0
 
@@ -1267,6 +1453,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--busybox-root", required=True, help="extracted busybox-static package")
     p.add_argument("--hyperv-root", required=True, help="extracted hyperv-daemons package")
     p.add_argument("--libc-root", required=True, help="extracted libc6 package")
+    p.add_argument("--e2fsprogs-root", required=True, help="extracted e2fsprogs package")
+    p.add_argument(
+        "--lib-root",
+        action="append",
+        default=[],
+        help="extracted library package e2fsprogs depends on (repeat for each)",
+    )
     p.add_argument("--overlay", required=True, help="directory copied over the root (init, etc)")
     p.add_argument("--depmod", default="depmod")
     p.add_argument("--modules", type=lambda s: [m for m in s.replace(",", " ").split() if m], default=DEFAULT_MODULES)
