@@ -86,28 +86,43 @@ impl Vm {
     }
 }
 
+impl Vm {
+    /// Waits (generously) for the worker to exit; its exit code.
+    fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(20 * 60);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            assert!(Instant::now() < deadline, "the VM did not power off");
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+}
+
 impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.child.kill();
     }
 }
 
-fn boot(a: &HashMap<String, String>, dir: &Path, name: &str, script: &str) -> Vm {
+fn boot(a: &HashMap<String, String>, dir: &Path, name: &str, script: &str, disks: bool) -> Vm {
     let console = dir.join(format!("{name}.com1"));
     let sock = dir.join(format!("{name}.sock"));
-    let child = verdigris()
-        .args(["run", "--kernel", &a["KERNEL"], "--initrd", &a["INITRD"]])
+    let mut cmd = verdigris();
+    cmd.args(["run", "--kernel", &a["KERNEL"], "--initrd", &a["INITRD"]])
         // A user's plain command line plus the initramfs's script selector: whatever this
         // host needs of the guest, the worker adds itself.
-        .args([
-            "--cmdline",
-            &format!("console=ttyS0 verdigris.script={script}"),
-        ])
-        .args(["--memory", "512M", "--cpus", "2"])
-        .arg("--disk")
-        .arg(dir.join("disk.vhdx"))
-        .arg("--disk")
-        .arg(format!("{},ro", dir.join("ro.raw").display()))
+        .arg("--cmdline")
+        .arg(format!("console=ttyS0 verdigris.script={script}"))
+        .args(["--memory", "512M", "--cpus", "2"]);
+    if disks {
+        cmd.arg("--disk")
+            .arg(dir.join("disk.vhdx"))
+            .arg("--disk")
+            .arg(format!("{},ro", dir.join("ro.raw").display()));
+    }
+    let child = cmd
         .arg("--serial")
         .arg(format!("file:{}", console.display()))
         .arg("--control")
@@ -133,23 +148,10 @@ fn checksums(console: &str) -> Vec<(String, String)> {
 }
 
 #[test]
-fn stock_kernel_boots_uses_vmbus_integration_services_storage_and_shuts_down_on_request() {
+fn stock_kernel_boots_and_uses_vmbus_integration_services_until_shut_down_by_the_host() {
     let a = assets();
     let dir = tempfile::tempdir().unwrap();
-    // A 64 MiB dynamic VHDX (read-write) and a 16 MiB raw disk with a pattern (read-only).
-    let o = verdigris()
-        .args(["new-vhd"])
-        .arg(dir.path().join("disk.vhdx"))
-        .args(["--size", "64M"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let ro: Vec<u8> = (0..16u32 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    std::fs::write(dir.path().join("ro.raw"), &ro).unwrap();
-    let ro_md5 = md5_hex(&ro[..1 << 20]);
-    let mut vm = boot(&a, dir.path(), "first", "ic");
+    let mut vm = boot(&a, dir.path(), "ic", "ic", false);
 
     // Issue 2: the kernel boots, reaches user space on 2 VPs and runs commands.
     let want = format!(
@@ -162,29 +164,6 @@ fn stock_kernel_boots_uses_vmbus_integration_services_storage_and_shuts_down_on_
         c.contains("Hypervisor detected: Microsoft Hyper-V"),
         "enlightened by default"
     );
-
-    // Issue 4: a VHDX through hv_storvsc: ext4 made, files written; the read-only LUN reads
-    // back our bytes and refuses writes.
-    let c = vm.wait_console("the storage step", |c| {
-        c.contains("verdigris-guest: clock set back")
-    });
-    assert!(
-        c.contains("verdigris-guest: storage written"),
-        "{}",
-        tail(&c, 3000)
-    );
-    assert!(
-        c.contains(&format!("verdigris-guest: ro md5 {ro_md5}")),
-        "{}",
-        tail(&c, 3000)
-    );
-    assert!(
-        c.contains("verdigris-guest: ro write refused"),
-        "{}",
-        tail(&c, 3000)
-    );
-    let written = checksums(&c);
-    assert_eq!(written.len(), 3, "{}", tail(&c, 3000));
 
     // Issue 3: VMBus offers, with the integration services' class GUIDs.
     let c = vm.wait_console("the VMBus device list", |c| {
@@ -275,6 +254,51 @@ fn stock_kernel_boots_uses_vmbus_integration_services_storage_and_shuts_down_on_
     assert_eq!(status.code(), Some(0), "{err}");
     assert!(err.contains("the guest powered off"), "{err}");
     assert!(err.contains("quirks handled:"), "{err}");
+}
+
+#[test]
+fn stock_kernel_keeps_files_on_a_vhdx_through_storvsc_across_boots() {
+    let a = assets();
+    let dir = tempfile::tempdir().unwrap();
+    // A 64 MiB dynamic VHDX (read-write) and a 16 MiB raw disk with a pattern (read-only).
+    let o = verdigris()
+        .args(["new-vhd"])
+        .arg(dir.path().join("disk.vhdx"))
+        .args(["--size", "64M"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ro: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(dir.path().join("ro.raw"), &ro).unwrap();
+    let ro_md5 = md5_hex(&ro[..1 << 20]);
+
+    // First boot: ext4 made on the VHDX through hv_storvsc, files written; the read-only LUN
+    // reads back our bytes and refuses writes. The script then powers off.
+    let mut vm = boot(&a, dir.path(), "first", "storage1", true);
+    let c = vm.wait_console("the storage step", |c| {
+        c.contains("verdigris-guest: ro write")
+            || c.contains("verdigris-guest: script storage1 exit")
+    });
+    assert!(
+        c.contains("verdigris-guest: storage written"),
+        "{}",
+        tail(&c, 3000)
+    );
+    assert!(
+        c.contains(&format!("verdigris-guest: ro md5 {ro_md5}")),
+        "{}",
+        tail(&c, 3000)
+    );
+    assert!(
+        c.contains("verdigris-guest: ro write refused"),
+        "{}",
+        tail(&c, 3000)
+    );
+    let written = checksums(&c);
+    assert_eq!(written.len(), 3, "{}", tail(&c, 3000));
+    assert_eq!(vm.wait_exit(), Some(0));
     drop(vm);
 
     // The VHDX is consistent for qemu-img after the guest's writes and a clean power-off...
@@ -285,7 +309,7 @@ fn stock_kernel_boots_uses_vmbus_integration_services_storage_and_shuts_down_on_
         .expect("qemu-img");
     assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stdout));
     // ...and a second boot reads every file back byte-exact.
-    let mut vm = boot(&a, dir.path(), "second", "storage2");
+    let mut vm = boot(&a, dir.path(), "second", "storage2", true);
     let c = vm.wait_console("the read-back", |c| {
         c.contains("verdigris-guest: storage read back") || c.contains("storage FAILED")
     });
@@ -295,18 +319,7 @@ fn stock_kernel_boots_uses_vmbus_integration_services_storage_and_shuts_down_on_
         tail(&c, 3000)
     );
     assert_eq!(checksums(&c), written);
-    let deadline = Instant::now() + Duration::from_secs(20 * 60);
-    let status = loop {
-        if let Some(s) = vm.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no power-off after the read-back"
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    };
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(vm.wait_exit(), Some(0));
 }
 
 /// MD5 as busybox's md5sum prints it (a tiny local implementation: RFC 1321).
