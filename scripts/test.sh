@@ -18,5 +18,10 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 step "tests (unit, integration, test guest, stock Linux boot)"
 cargo test --workspace --release 2>&1
 
+if [ "${VERDIGRIS_LINUX_TESTS:-0}" = 1 ]; then
+    step "stock Linux guest boots (long)"
+    cargo test --release -p verdigris --test linux -- --ignored 2>&1
+fi
+
 step "fuzz smoke: every guest-facing parser, briefly"
 FUZZ_SECONDS="${FUZZ_SECONDS:-10}" bash scripts/fuzz-smoke.sh
