@@ -1,8 +1,8 @@
 //! # verdigris — the command
 //!
-//! One binary for every role: `verdigris run` is the per-VM worker in the foreground (later the
-//! management service starts the same code as `verdigris worker`), and the disk and management
-//! verbs arrive with their issues.
+//! One binary for every role: `verdigris run` is the per-VM worker (in the foreground, or
+//! started by the management service), `verdigris serve` is the management service, and the
+//! VM verbs (`new-vm`, `start-vm`, ...) and disk verbs (`new-vhd`, ...) are its CLI.
 //!
 //! It talks to: the `worker` crate. It must never: print a Rust panic for bad input — every
 //! error is one line on stderr with a distinct exit code.
@@ -25,6 +25,8 @@ use std::process::ExitCode;
     about = "The Hyper-V architecture on Linux/KVM"
 )]
 struct Cli {
+    #[command(flatten)]
+    api: vmms::cli::ApiArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,8 +37,12 @@ enum Command {
     Run(RunArgs),
     /// Talk to a running worker's control socket (`run --control PATH`).
     Control(ControlArgs),
+    /// The management service: VM inventory, one worker per VM, REST API.
+    Serve(vmms::ServeArgs),
     #[command(flatten)]
     Disk(disk_cli::DiskCommand),
+    #[command(flatten)]
+    Vm(vmms::cli::Command),
 }
 
 #[derive(clap::Args)]
@@ -369,5 +375,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Control(a) => control(a),
         Command::Disk(c) => disk_cli::run(c),
+        Command::Serve(a) => vmms::serve_main(a),
+        Command::Vm(c) => vmms::cli::run(&cli.api, c),
     }
 }

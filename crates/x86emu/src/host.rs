@@ -45,12 +45,15 @@ pub unsafe fn cmpxchg16b(ptr: *mut u128, expected: u128, new: u128) -> u128 {
     // (LLVM reserves it), so the new low half is swapped into RBX around the instruction and
     // RBX is restored before the block ends.
     unsafe {
+        // RBX holds the new low half but is reserved by LLVM, so it is swapped in and out by
+        // hand. The pointer and the value must be in fixed registers: a `reg` operand may be
+        // allocated RBX itself, and the swap would then destroy it.
         core::arch::asm!(
-            "xchg {new_lo}, rbx",
-            "lock cmpxchg16b xmmword ptr [{ptr}]",
-            "mov rbx, {new_lo}",
-            ptr = in(reg) ptr,
-            new_lo = inout(reg) new as u64 => _,
+            "xchg rsi, rbx",
+            "lock cmpxchg16b xmmword ptr [rdi]",
+            "mov rbx, rsi",
+            in("rdi") ptr,
+            inout("rsi") new as u64 => _,
             in("rcx") (new >> 64) as u64,
             inout("rax") lo,
             inout("rdx") hi,
@@ -73,12 +76,13 @@ pub unsafe fn cmpxchg8b(ptr: *mut u64, expected: u64, new: u64) -> u64 {
     // SAFETY: the caller guarantees `ptr` is valid; RBX is swapped and restored as in
     // `cmpxchg16b`.
     unsafe {
+        // See `cmpxchg16b` for why the registers are fixed.
         core::arch::asm!(
-            "xchg {new_lo}, rbx",
-            "lock cmpxchg8b qword ptr [{ptr}]",
-            "mov rbx, {new_lo}",
-            ptr = in(reg) ptr,
-            new_lo = inout(reg) u64::from(new as u32) => _,
+            "xchg rsi, rbx",
+            "lock cmpxchg8b qword ptr [rdi]",
+            "mov rbx, rsi",
+            in("rdi") ptr,
+            inout("rsi") u64::from(new as u32) => _,
             in("ecx") (new >> 32) as u32,
             inout("eax") lo,
             inout("edx") hi,

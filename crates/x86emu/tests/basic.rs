@@ -348,27 +348,29 @@ fn host_cmpxchg(
     // SAFETY: `cell` is a live, 16-byte aligned local; RBX is swapped in and restored.
     unsafe {
         if size == 16 {
+            // Fixed registers: a `reg` operand could be given RBX (or BL) itself.
             std::arch::asm!(
-                "xchg {b}, rbx",
-                "lock cmpxchg16b xmmword ptr [{p}]",
-                "setz {z}",
-                "mov rbx, {b}",
-                p = in(reg) &mut cell.0,
-                b = inout(reg) rbx => _,
-                z = out(reg_byte) zf,
+                "xchg rsi, rbx",
+                "lock cmpxchg16b xmmword ptr [rdi]",
+                "setz r8b",
+                "mov rbx, rsi",
+                in("rdi") &mut cell.0,
+                inout("rsi") rbx => _,
+                out("r8b") zf,
                 in("rcx") rcx,
                 inout("rax") a,
                 inout("rdx") d,
             );
         } else {
+            // Fixed registers: a `reg` operand could be given RBX (or BL) itself.
             std::arch::asm!(
-                "xchg {b}, rbx",
-                "lock cmpxchg8b qword ptr [{p}]",
-                "setz {z}",
-                "mov rbx, {b}",
-                p = in(reg) &mut cell.0,
-                b = inout(reg) rbx => _,
-                z = out(reg_byte) zf,
+                "xchg rsi, rbx",
+                "lock cmpxchg8b qword ptr [rdi]",
+                "setz r8b",
+                "mov rbx, rsi",
+                in("rdi") &mut cell.0,
+                inout("rsi") rbx => _,
+                out("r8b") zf,
                 in("rcx") rcx,
                 inout("rax") a,
                 inout("rdx") d,
