@@ -326,17 +326,18 @@ pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     Ok(())
 }
 
-/// The BSP's register state at the 64-bit entry point.
-pub fn entry_registers(
-    sregs: &mut hypervisor::kvm_bindings::kvm_sregs,
-    regs: &mut hypervisor::kvm_bindings::kvm_regs,
-    entry: u64,
+/// Flat ring-0 segments: 64-bit code at `code_selector` and data at `code_selector + 8` (the
+/// layout SYSCALL assumes for STAR[47:32]).
+pub fn flat_kernel_segments(
+    code_selector: u16,
+) -> (
+    hypervisor::kvm_bindings::kvm_segment,
+    hypervisor::kvm_bindings::kvm_segment,
 ) {
-    use hypervisor::kvm_bindings::kvm_segment;
-    let code = kvm_segment {
+    let code = hypervisor::kvm_bindings::kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
-        selector: 0x10,
+        selector: code_selector,
         type_: 11,
         present: 1,
         dpl: 0,
@@ -346,13 +347,24 @@ pub fn entry_registers(
         g: 1,
         ..Default::default()
     };
-    let data = kvm_segment {
-        selector: 0x18,
+    let data = hypervisor::kvm_bindings::kvm_segment {
+        selector: code_selector + 8,
         type_: 3,
         l: 0,
         db: 1,
         ..code
     };
+    (code, data)
+}
+
+/// The BSP's register state at the 64-bit entry point.
+pub fn entry_registers(
+    sregs: &mut hypervisor::kvm_bindings::kvm_sregs,
+    regs: &mut hypervisor::kvm_bindings::kvm_regs,
+    entry: u64,
+) {
+    use hypervisor::kvm_bindings::kvm_segment;
+    let (code, data) = flat_kernel_segments(0x10);
     sregs.cs = code;
     sregs.ds = data;
     sregs.es = data;
