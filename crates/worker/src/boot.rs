@@ -242,7 +242,19 @@ pub fn load_initrd(
     Ok((addr, size))
 }
 
-/// Writes the zero page, the command line and the e820 map.
+/// setup_data type of a random seed for the guest kernel's RNG (arch/x86/include/uapi/asm/bootparam.h).
+const SETUP_RNG_SEED: u32 = 9;
+
+/// 32 bytes from the host's RNG, fresh for every boot; None if the host has no /dev/urandom.
+fn host_random_seed() -> Option<[u8; 32]> {
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .ok()?;
+    Some(seed)
+}
+
+/// Writes the zero page, the command line, the e820 map and a random seed (setup_data).
 pub fn write_boot_params(
     mem: &GuestMemoryMmap,
     memory: u64,
@@ -280,6 +292,19 @@ pub fn write_boot_params(
         bp.hdr.ramdisk_size = size as u32;
     }
     bp.acpi_rsdp_addr = rsdp;
+    // A random seed for the guest's RNG (setup_data type SETUP_RNG_SEED, as a firmware or
+    // QEMU provides): without RDRAND (hidden here) the kernel's CRNG would otherwise gather
+    // entropy from interrupt timing, which costs minutes of emulated ring 0 on slow hosts.
+    if let Some(seed) = host_random_seed() {
+        let mut sd = Vec::with_capacity(16 + seed.len());
+        sd.extend_from_slice(&0u64.to_le_bytes()); // next: none
+        sd.extend_from_slice(&SETUP_RNG_SEED.to_le_bytes());
+        sd.extend_from_slice(&(seed.len() as u32).to_le_bytes());
+        sd.extend_from_slice(&seed);
+        mem.write_slice(&sd, GuestAddress(SETUP_DATA))
+            .map_err(|e| BootError::Memory(e.to_string()))?;
+        bp.hdr.setup_data = SETUP_DATA;
+    }
     let map = e820(memory);
     for (i, (addr, size, kind)) in map.iter().enumerate() {
         bp.e820_table[i] = boot_e820_entry {
@@ -458,6 +483,39 @@ mod tests {
             .unwrap();
         assert_eq!(pde & !0x1fffff, 0xffe0_0000);
         assert_eq!(pde & 0x83, 0x83);
+    }
+
+    #[test]
+    fn boot_params_carry_a_fresh_rng_seed() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
+        let kernel = LoadedKernel {
+            entry: 0x100_0000,
+            end: 0x200_0000,
+            setup_header: None,
+            description: String::new(),
+        };
+        let seed = |mem: &GuestMemoryMmap| {
+            write_boot_params(mem, 32 << 20, &kernel, "console=ttyS0", None, 0xe0000).unwrap();
+            let bp: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE)).unwrap();
+            let at = bp.hdr.setup_data;
+            assert_eq!(at, SETUP_DATA);
+            let next: u64 = mem.read_obj(GuestAddress(at)).unwrap();
+            let kind: u32 = mem.read_obj(GuestAddress(at + 8)).unwrap();
+            let len: u32 = mem.read_obj(GuestAddress(at + 12)).unwrap();
+            assert_eq!((next, kind, len), (0, SETUP_RNG_SEED, 32));
+            let mut s = [0u8; 32];
+            mem.read_slice(&mut s, GuestAddress(at + 16)).unwrap();
+            s
+        };
+        let (a, b) = (seed(&mem), seed(&mem));
+        assert_ne!(a, b, "every boot gets its own seed");
+        assert_ne!(a, [0u8; 32]);
+        // The seed is inside RAM the e820 map gives the kernel (it reserves setup_data itself).
+        assert!(e820(32 << 20)
+            .iter()
+            .any(|(addr, size, kind)| *kind == E820_RAM
+                && *addr <= SETUP_DATA
+                && SETUP_DATA + 48 <= addr + size));
     }
 
     #[test]

@@ -247,7 +247,8 @@ pub fn probe(hv: &Hypervisor) -> Result<HostFacts, String> {
     })
 }
 
-/// Kernel parameters a Linux guest needs on this host, each with the reason (logged at start).
+/// Kernel parameters a Linux guest needs on this host, each group (space-separated) with the
+/// reason (logged at start). A parameter the user sets on the command line wins.
 pub fn linux_requirements(facts: &HostFacts, time_scale: f64) -> Vec<(String, String)> {
     let mut v = Vec::new();
     let leaked = &facts.leaked_features;
@@ -285,10 +286,101 @@ pub fn linux_requirements(facts: &HostFacts, time_scale: f64) -> Vec<(String, St
         ));
     }
     if facts.slow_ring0() {
+        // Guest kernel code never runs on the CPU here: KVM's emulator executes it, and the
+        // host clears CPU buffers and predictors on its own VM entries. The kernel's
+        // mitigations for speculation in its own code therefore protect nothing, yet each
+        // costs emulated instructions on every system call (BHB-clearing loop, return thunks)
+        // or an emulation exit (VERW on every return to user space). Protections between guest
+        // user processes (IBPB, SSBD), which run natively, stay on.
+        v.push((
+            "mds=off tsx_async_abort=off mmio_stale_data=off reg_file_data_sampling=off \
+             spectre_bhi=off indirect_target_selection=off"
+                .to_string(),
+            "guest ring 0 is emulated here, so the kernel's mitigations for speculation in \
+             its own code protect nothing and cost an exit or a loop on every system call"
+                .to_string(),
+        ));
         v.push((
             "cryptomgr.notests".to_string(),
             "guest ring 0 is emulated here; crypto self-tests would take minutes".to_string(),
         ));
     }
     v
+}
+
+/// Appends the host's kernel parameters to a user's command line, skipping every parameter the
+/// user set (the user's value wins). Returns the line and one note per group added.
+pub fn add_kernel_params(cmdline: &str, reqs: &[(String, String)]) -> (String, Vec<String>) {
+    let key = |w: &str| w.split('=').next().unwrap_or(w).to_string();
+    let user: Vec<String> = cmdline.split_whitespace().map(key).collect();
+    let mut line = cmdline.trim().to_string();
+    let mut notes = Vec::new();
+    for (params, why) in reqs {
+        let add: Vec<&str> = params
+            .split_whitespace()
+            .filter(|p| !user.contains(&key(p)))
+            .collect();
+        if add.is_empty() {
+            continue;
+        }
+        let add = add.join(" ");
+        let plural = if add.contains(' ') { "s" } else { "" };
+        notes.push(format!("adding kernel parameter{plural} {add}: {why}"));
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(&add);
+    }
+    (line, notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slow_host() -> HostFacts {
+        HostFacts {
+            ring0_ns_per_insn: 2000.0,
+            syscall_broken: true,
+            leaked_features: vec!["xsave", "ssse3", "popcnt"],
+            tsc_khz: 2_500_000,
+        }
+    }
+
+    #[test]
+    fn slow_hosts_get_the_parameters_and_the_user_keeps_their_own_values() {
+        let reqs = linux_requirements(&slow_host(), 0.1);
+        let (line, notes) = add_kernel_params("console=ttyS0 mds=full noxsave", &reqs);
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words[..3], ["console=ttyS0", "mds=full", "noxsave"]);
+        // The user's mds=full and noxsave are not overridden or repeated.
+        assert_eq!(words.iter().filter(|w| w.starts_with("mds=")).count(), 1);
+        assert_eq!(words.iter().filter(|w| **w == "noxsave").count(), 1);
+        for want in [
+            "clearcpuid=ssse3,popcnt",
+            "tsc_early_khz=25000000",
+            "mmio_stale_data=off",
+            "indirect_target_selection=off",
+            "cryptomgr.notests",
+        ] {
+            assert!(words.contains(&want), "{want} missing from {line}");
+        }
+        assert!(notes
+            .iter()
+            .all(|n| n.starts_with("adding kernel parameter")));
+        assert!(!notes.iter().any(|n| n.contains("noxsave")), "{notes:?}");
+    }
+
+    #[test]
+    fn fast_hosts_keep_the_kernels_mitigations() {
+        let fast = HostFacts {
+            ring0_ns_per_insn: 1.0,
+            syscall_broken: false,
+            leaked_features: Vec::new(),
+            tsc_khz: 0,
+        };
+        let (line, notes) = add_kernel_params("console=ttyS0", &linux_requirements(&fast, 1.0));
+        assert_eq!(line, "console=ttyS0");
+        assert!(notes.is_empty());
+    }
 }

@@ -20,6 +20,8 @@ pub const PDPT: u64 = 0xa000;
 pub const PD0: u64 = 0xb000; // four pages: 0xb000..0xf000
 pub const CMDLINE: u64 = 0x2_0000;
 pub const CMDLINE_MAX: usize = 0x1_0000;
+/// The boot protocol's setup_data list (one SETUP_RNG_SEED entry), right after the command line.
+pub const SETUP_DATA: u64 = 0x3_0000;
 /// Reserved guest pages the VMM owns (the SYSCALL trampoline and its page tables).
 pub const HV_PAGES: u64 = 0x9_b000;
 pub const EBDA_START: u64 = 0x9_fc00;

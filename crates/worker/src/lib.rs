@@ -349,18 +349,10 @@ pub fn run(mut cfg: VmConfig) -> Result<RunSummary, WorkerError> {
     )];
     let mut cmdline = cfg.cmdline.trim().to_string();
     if cfg.host_kernel_params && boot::kernel_kind(&kernel) == Some(true) {
-        for (param, why) in host::linux_requirements(&facts, scale) {
-            let key = param.split('=').next().unwrap_or(&param).to_string();
-            if cmdline
-                .split_whitespace()
-                .any(|w| w.split('=').next() == Some(&key))
-            {
-                continue; // the user chose their own value
-            }
-            notes.push(format!("adding kernel parameter {param}: {why}"));
-            cmdline.push(' ');
-            cmdline.push_str(&param);
-        }
+        let (line, added) =
+            host::add_kernel_params(&cmdline, &host::linux_requirements(&facts, scale));
+        cmdline = line;
+        notes.extend(added);
     }
     for n in &notes {
         eprintln!("verdigris: {n}");
@@ -635,11 +627,17 @@ fn run_once(
 
     // Wait.
     let reason = {
-        let sample_every = std::env::var("VERDIGRIS_SAMPLE_SECS")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-            .filter(|s| *s > 0)
-            .map(std::time::Duration::from_secs);
+        // Diagnostics: VERDIGRIS_SAMPLE_SECS=N or VERDIGRIS_SAMPLE_MS=N makes every VP print its
+        // registers that often (a poor man's profiler for guest boots; see docs/PERFORMANCE.md).
+        let env_u64 = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|s| *s > 0)
+        };
+        let sample_every = env_u64("VERDIGRIS_SAMPLE_MS")
+            .map(std::time::Duration::from_millis)
+            .or_else(|| env_u64("VERDIGRIS_SAMPLE_SECS").map(std::time::Duration::from_secs));
         let mut g = control.reason.lock().unwrap_or_else(|e| e.into_inner());
         while g.is_none() {
             match sample_every {
