@@ -139,21 +139,25 @@ fn feed(uart: &Mutex<devices::serial::Uart>, mut data: &[u8], stop: &AtomicBool)
     }
 }
 
-/// A serial console on a unix socket: one client at a time (a new one replaces the old), the
-/// last 64 KiB of output replayed to each new client, the client's bytes fed to COM1.
+/// A serial console on a unix socket for any number of clients: each sees COM1's output (the
+/// last 64 KiB replayed first), and bytes from any of them are fed to COM1. A client that does
+/// not take its output within [`CLIENT_STALL`] is dropped, so no client can stall the guest.
 pub struct SocketHub {
     inner: Mutex<HubState>,
     path: PathBuf,
 }
 
 struct HubState {
-    client: Option<std::os::unix::net::UnixStream>,
+    clients: Vec<(u64, std::os::unix::net::UnixStream)>,
     backlog: std::collections::VecDeque<u8>,
     uart: Option<Arc<Mutex<devices::serial::Uart>>>,
-    generation: u64,
+    next_id: u64,
 }
 
 const BACKLOG: usize = 64 << 10;
+
+/// How long a write to one console client may block the guest's COM1 output.
+const CLIENT_STALL: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl SocketHub {
     /// Binds `path` (replacing a stale socket file, never another kind of file).
@@ -172,10 +176,10 @@ impl SocketHub {
         let listener = std::os::unix::net::UnixListener::bind(&path)?;
         let hub = Arc::new(SocketHub {
             inner: Mutex::new(HubState {
-                client: None,
+                clients: Vec::new(),
                 backlog: std::collections::VecDeque::new(),
                 uart: None,
-                generation: 0,
+                next_id: 0,
             }),
             path,
         });
@@ -196,16 +200,20 @@ impl SocketHub {
     }
 
     fn attach(self: &Arc<Self>, mut c: std::os::unix::net::UnixStream, stop: Arc<AtomicBool>) {
-        let (reader, generation) = {
+        if c.set_write_timeout(Some(CLIENT_STALL)).is_err() {
+            return;
+        }
+        let (reader, id) = {
             let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             let (a, b) = st.backlog.as_slices();
             if c.write_all(a).and_then(|_| c.write_all(b)).is_err() {
                 return;
             }
             let Ok(reader) = c.try_clone() else { return };
-            st.client = Some(c);
-            st.generation += 1;
-            (reader, st.generation)
+            st.next_id += 1;
+            let id = st.next_id;
+            st.clients.push((id, c));
+            (reader, id)
         };
         let hub = self.clone();
         let _ = std::thread::Builder::new()
@@ -232,10 +240,17 @@ impl SocketHub {
                     }
                 }
                 let mut st = hub.inner.lock().unwrap_or_else(|e| e.into_inner());
-                if st.generation == generation {
-                    st.client = None;
-                }
+                st.clients.retain(|(i, _)| *i != id);
             });
+    }
+
+    /// How many clients are attached.
+    pub fn clients(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clients
+            .len()
     }
 
     /// Connects the hub's input to a (new) UART after each boot.
@@ -263,11 +278,15 @@ impl Write for HubWriter {
         st.backlog.extend(buf);
         let excess = st.backlog.len().saturating_sub(BACKLOG);
         st.backlog.drain(..excess);
-        if let Some(c) = st.client.as_mut() {
-            if c.write_all(buf).is_err() {
-                st.client = None;
+        // A client that errs or does not keep up is dropped (its reader thread ends when the
+        // socket is shut down).
+        st.clients.retain_mut(|(_, c)| {
+            let ok = c.write_all(buf).is_ok();
+            if !ok {
+                let _ = c.shutdown(std::net::Shutdown::Both);
             }
-        }
+            ok
+        });
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -352,5 +371,80 @@ impl Console {
     pub fn shutdown(&self) {
         self.input_stop.store(true, Ordering::Relaxed);
         let _ = self.out.lock().unwrap_or_else(|e| e.into_inner()).flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    fn read_for(c: &mut UnixStream, want: &[u8]) -> Vec<u8> {
+        c.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < end && !got.windows(want.len()).any(|w| w == want) {
+            if let Ok(n) = c.read(&mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        got
+    }
+
+    fn wait_clients(hub: &SocketHub, n: usize) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while hub.clients() != n {
+            assert!(Instant::now() < end, "{} clients, not {n}", hub.clients());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn every_client_sees_the_output_and_a_stuck_one_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let hub = SocketHub::bind(dir.path().join("con.sock"), stop.clone()).unwrap();
+        let mut out = HubWriter(hub.clone());
+        out.write_all(b"early boot\n").unwrap();
+
+        let mut a = UnixStream::connect(hub.path()).unwrap();
+        wait_clients(&hub, 1);
+        let mut b = UnixStream::connect(hub.path()).unwrap();
+        wait_clients(&hub, 2);
+        out.write_all(b"later\n").unwrap();
+        for c in [&mut a, &mut b] {
+            let got = read_for(c, b"later\n");
+            assert_eq!(got, b"early boot\nlater\n", "replay, then live output");
+        }
+
+        // `b` stops reading: the guest's output never waits on it for long, and it is dropped.
+        let line = [b'x'; 1024];
+        let mut sent = 0usize;
+        while hub.clients() == 2 {
+            out.write_all(&line).unwrap();
+            sent += line.len();
+            let _ = read_for_nonblocking(&mut a);
+            assert!(sent < 64 << 20, "the stuck client was never dropped");
+        }
+        wait_clients(&hub, 1);
+        out.write_all(b"still here\n").unwrap();
+        assert!(read_for(&mut a, b"still here\n").ends_with(b"still here\n"));
+        stop.store(true, Ordering::Relaxed);
+    }
+
+    fn read_for_nonblocking(c: &mut UnixStream) -> usize {
+        c.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        let mut buf = [0u8; 65536];
+        let mut n = 0;
+        while let Ok(k) = c.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        n
     }
 }
