@@ -793,34 +793,7 @@ mod tests {
     use super::*;
 
     fn vm(name: &str) -> Vm {
-        Vm {
-            id: uuid::Uuid::new_v4().to_string(),
-            name: name.into(),
-            boot: Boot::Linux {
-                kernel: "/k".into(),
-                initrd: None,
-                cmdline: "x".into(),
-            },
-            processors: 1,
-            memory_bytes: 64 << 20,
-            disks: vec![Disk {
-                controller: 0,
-                lun: 0,
-                path: "/d".into(),
-                read_only: false,
-            }],
-            network_adapters: vec![],
-            integration_services: true,
-            enlightenments: true,
-            notes: String::new(),
-            state: VmState::Off,
-            critical: false,
-            reason: String::new(),
-            state_changed_ms: 0,
-            created_ms: 0,
-            uptime_secs: None,
-            worker_pid: None,
-        }
+        crate::model::test_vm(name)
     }
 
     #[test]

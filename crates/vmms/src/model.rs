@@ -529,6 +529,39 @@ pub fn format_time_ms(ms: i64) -> String {
     )
 }
 
+/// A VM definition for unit tests: one disk at SCSI 0:0, everything else at its default.
+#[cfg(test)]
+pub(crate) fn test_vm(name: &str) -> Vm {
+    Vm {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: name.into(),
+        boot: Boot::Linux {
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: "x".into(),
+        },
+        processors: 1,
+        memory_bytes: 64 << 20,
+        disks: vec![Disk {
+            controller: 0,
+            lun: 0,
+            path: "/d".into(),
+            read_only: false,
+        }],
+        network_adapters: vec![],
+        integration_services: true,
+        enlightenments: true,
+        notes: String::new(),
+        state: VmState::Off,
+        critical: false,
+        reason: String::new(),
+        state_changed_ms: 0,
+        created_ms: 0,
+        uptime_secs: None,
+        worker_pid: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

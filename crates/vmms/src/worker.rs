@@ -70,18 +70,30 @@ pub fn worker_args(vm: &Vm, p: &WorkerPaths) -> Vec<String> {
     if !vm.enlightenments {
         a.push("--no-enlightenments".into());
     }
-    // The worker takes disks in order; ours are sorted by (controller, LUN).
+    // Each disk at its own controller and LUN, in (controller, LUN) order.
     let mut disks: Vec<_> = vm.disks.iter().collect();
     disks.sort_by_key(|d| (d.controller, d.lun));
     for d in disks {
         a.push("--disk".into());
-        a.push(if d.read_only {
-            format!("{},ro", d.path)
-        } else {
-            d.path.clone()
-        });
+        a.push(format!(
+            "{},controller={},lun={}{}",
+            d.path,
+            d.controller,
+            d.lun,
+            if d.read_only { ",ro" } else { "" }
+        ));
     }
-    // `integration_services = false` has no worker switch yet: the worker always offers them.
+    if !vm.integration_services {
+        a.extend(
+            [
+                "--no-heartbeat",
+                "--no-shutdown-service",
+                "--no-timesync",
+                "--no-kvp",
+            ]
+            .map(String::from),
+        );
+    }
     a
 }
 
@@ -390,6 +402,7 @@ pub fn last_message(log: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Disk;
 
     #[test]
     fn reasons_from_exit_and_log() {
@@ -421,6 +434,50 @@ mod tests {
         );
         let (r, crit) = exit_reason(Exit::Unknown, &dir.path().join("none"));
         assert!(crit && r.contains("unexpectedly"), "{r}");
+    }
+
+    #[test]
+    fn worker_args_place_disks_and_switch_integration_services() {
+        let mut vm = crate::model::test_vm("a");
+        vm.processors = 2;
+        vm.disks = vec![
+            Disk {
+                controller: 1,
+                lun: 0,
+                path: "/b.vhdx".into(),
+                read_only: false,
+            },
+            Disk {
+                controller: 0,
+                lun: 5,
+                path: "/a.raw".into(),
+                read_only: true,
+            },
+        ];
+        let p = WorkerPaths::new(Path::new("/state"), "id");
+        let a = worker_args(&vm, &p);
+        let disks: Vec<&str> = a
+            .windows(2)
+            .filter(|w| w[0] == "--disk")
+            .map(|w| w[1].as_str())
+            .collect();
+        assert_eq!(
+            disks,
+            ["/a.raw,controller=0,lun=5,ro", "/b.vhdx,controller=1,lun=0"]
+        );
+        assert!(!a.iter().any(|x| x.starts_with("--no-")), "{a:?}");
+        vm.integration_services = false;
+        vm.enlightenments = false;
+        let a = worker_args(&vm, &p);
+        for f in [
+            "--no-heartbeat",
+            "--no-shutdown-service",
+            "--no-timesync",
+            "--no-kvp",
+            "--no-enlightenments",
+        ] {
+            assert!(a.iter().any(|x| x == f), "{f} missing: {a:?}");
+        }
     }
 
     #[test]
