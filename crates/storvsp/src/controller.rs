@@ -24,9 +24,21 @@
 //! scans channels 0..7 and targets 0..1 and finds nothing elsewhere: INQUIRY answers
 //! "no device here", REPORT LUNS an empty list).
 //!
-//! Multi-queue: not yet. `vmbus_server` offers no sub-channels, so QUERY_PROPERTIES reports
-//! no multi-channel support (flags 0, `max_channel_cnt` 0) and CREATE_SUB_CHANNELS is
-//! refused; all queues of the guest share the one channel (and its worker pool).
+//! Multi-queue: QUERY_PROPERTIES reports `STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL` and
+//! `max_channel_cnt` = [`ControllerConfig::max_sub_channels`] (0 turns both off). After
+//! END_INITIALIZATION Linux sends CREATE_SUB_CHANNELS with min(its CPUs - 1, that count); the
+//! primary's channel thread validates it ([`crate::srb::Session`]: after initialization,
+//! 1..=max, once per opening; anything else gets an error status) and asks the VMBus server
+//! to offer that many sub-channels (`Channel::offer_sub_channels`, which never waits), then
+//! completes the request. The server offers them (same class and instance GUIDs,
+//! `sub_channel_index` 1..N, their own relids); Linux opens each with its own rings and
+//! sends SRBs on it without any initialization. Each opened sub-channel
+//! (`Vsp::open_sub_channel`) gets its own channel thread and worker pool, exactly like the
+//! primary, over the same LUNs; its session starts with the primary's protocol version, and
+//! every completion goes back on the channel its request came in on. Unsolicited
+//! ENUMERATE_BUS goes on the primary only. When the primary closes, the server closes (and
+//! rescinds) the sub-channels first (`Vsp::close_sub_channel`), so no sub-channel thread
+//! outlives its primary's opening.
 //!
 //! **Never.** Blocks the VMBus control thread (`open` spawns, `close` joins threads that are
 //! already stopping; backend I/O in flight finishes first), lets a guest grow its memory
@@ -34,7 +46,7 @@
 //! not at all while the channel is open.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -52,6 +64,10 @@ use crate::srb::{self, Properties, Request, Session, SrbRequest};
 /// LUNs per controller (Hyper-V's limit: 64 disks per SCSI controller).
 pub const MAX_LUNS: u8 = 64;
 
+/// [`ControllerConfig::max_sub_channels`] by default: a small fixed number (the guest
+/// takes min(its CPUs - 1, this)); the worker passes min(VPs - 1, 8) instead.
+pub const DEFAULT_MAX_SUB_CHANNELS: u16 = 8;
+
 /// How a controller is set up.
 #[derive(Clone)]
 pub struct ControllerConfig {
@@ -67,11 +83,17 @@ pub struct ControllerConfig {
     /// Direct access to guest RAM for zero-copy transfers; `None`: copy through the
     /// channel's `GuestRam`.
     pub guest_memory: Option<Arc<dyn GuestMemoryMap>>,
+    /// Sub-channels the guest may open (QUERY_PROPERTIES' `max_channel_cnt`); 0 reports
+    /// no multi-channel support. At most [`vmbus_server::MAX_SUB_CHANNELS`]. Each opened
+    /// sub-channel costs one channel thread and `workers` worker threads. The worker sets
+    /// min(VPs - 1, 8); Linux itself opens at most its CPUs - 1.
+    pub max_sub_channels: u16,
 }
 
 impl ControllerConfig {
     /// Defaults for a controller with this instance id: 4 workers, 256 queued requests,
-    /// 1 MiB per request, no direct mapping.
+    /// 1 MiB per request, no direct mapping, up to [`DEFAULT_MAX_SUB_CHANNELS`]
+    /// sub-channels.
     pub fn new(instance_id: Guid) -> Self {
         Self {
             instance_id,
@@ -79,6 +101,7 @@ impl ControllerConfig {
             queue_limit: 256,
             max_transfer_bytes: 1 << 20,
             guest_memory: None,
+            max_sub_channels: DEFAULT_MAX_SUB_CHANNELS,
         }
     }
 }
@@ -91,6 +114,7 @@ impl std::fmt::Debug for ControllerConfig {
             .field("queue_limit", &self.queue_limit)
             .field("max_transfer_bytes", &self.max_transfer_bytes)
             .field("direct", &self.guest_memory.is_some())
+            .field("max_sub_channels", &self.max_sub_channels)
             .finish()
     }
 }
@@ -190,6 +214,8 @@ pub struct ControllerStats {
     pub rescans: u64,
     /// Times the channel was opened.
     pub opens: u64,
+    /// Times a sub-channel was opened.
+    pub sub_channel_opens: u64,
 }
 
 #[derive(Default)]
@@ -200,6 +226,7 @@ struct Counters {
     bytes_written: AtomicU64,
     rescans: AtomicU64,
     opens: AtomicU64,
+    sub_channel_opens: AtomicU64,
 }
 
 /// The open channel as the host side sees it (for unsolicited notifications).
@@ -211,6 +238,9 @@ struct Link {
 
 struct Shared {
     config: ControllerConfig,
+    /// The protocol version the primary negotiated (0: none yet); sub-channels start
+    /// their sessions with it.
+    version: AtomicU32,
     luns: RwLock<BTreeMap<u8, Arc<ScsiDisk>>>,
     link: Mutex<Option<Arc<Link>>>,
     rescan_pending: AtomicBool,
@@ -349,6 +379,7 @@ impl ControllerHandle {
             bytes_written: c.bytes_written.load(Ordering::Relaxed),
             rescans: c.rescans.load(Ordering::Relaxed),
             opens: c.opens.load(Ordering::Relaxed),
+            sub_channel_opens: c.sub_channel_opens.load(Ordering::Relaxed),
         }
     }
 
@@ -458,11 +489,12 @@ impl WorkQueue {
     }
 }
 
-/// Everything the threads of one opening share.
+/// Everything the threads of one opened channel (primary or sub-channel) share.
 struct ChannelCtx {
     shared: Arc<Shared>,
     channel: Channel,
-    link: Arc<Link>,
+    /// The primary's link (`None` on a sub-channel).
+    link: Option<Arc<Link>>,
     queue: WorkQueue,
 }
 
@@ -618,9 +650,16 @@ fn runs_inline(job: &Job) -> bool {
 /// them to the workers. When the ring holds a single request and every worker is idle
 /// (queue depth 1), it runs that request itself: a thread hand-off less per request.
 fn channel_thread(ctx: Arc<ChannelCtx>) {
-    let mut session = Session::new();
+    let primary = ctx.link.is_some();
+    let mut session = if primary {
+        Session::new()
+    } else {
+        let v = ctx.shared.version.load(Ordering::SeqCst);
+        Session::sub_channel(u16::try_from(v).ok().filter(|&v| v != 0))
+    };
     let props = Properties {
         max_transfer_bytes: ctx.shared.config.max_transfer_bytes,
+        max_sub_channels: ctx.shared.config.max_sub_channels,
     };
     let mut scratch = Scratch::default();
     // The last SRB read: dispatched when another packet follows, else maybe run inline.
@@ -664,8 +703,26 @@ fn channel_thread(ctx: Arc<ChannelCtx>) {
                     reply,
                     packet,
                 } => {
-                    let answer = session.control(&packet, &props);
-                    ctx.link.ready.store(session.ready(), Ordering::SeqCst);
+                    let mut answer = session.control(&packet, &props);
+                    if let Some(n) = session.take_sub_channel_request() {
+                        if let Err(e) = ctx.channel.offer_sub_channels(n) {
+                            tracing::warn!("storvsp: cannot offer {n} sub-channels: {e}");
+                            answer.status = zerocopy::little_endian::U32::new(
+                                crate::protocol::status::INVALID_DEVICE_STATE,
+                            );
+                        }
+                    }
+                    let Some(link) = &ctx.link else {
+                        // A sub-channel: no notifications, nothing to share.
+                        if reply {
+                            ctx.send(transaction_id, &answer);
+                        }
+                        continue;
+                    };
+                    link.ready.store(session.ready(), Ordering::SeqCst);
+                    ctx.shared
+                        .version
+                        .store(session.version().map_or(0, u32::from), Ordering::SeqCst);
                     if session.ready()
                         && answer.status.get() == 0
                         && packet.operation.get() == crate::protocol::op::END_INITIALIZATION
@@ -759,11 +816,54 @@ struct Running {
     threads: Vec<JoinHandle<()>>,
 }
 
+impl Running {
+    /// Start the channel thread and the worker pool of one opened channel. On failure the
+    /// threads that did start stop once the channel closes (the server closes it when the
+    /// open is refused).
+    fn start(shared: &Arc<Shared>, channel: Channel, link: Option<Arc<Link>>) -> Option<Self> {
+        let ctx = Arc::new(ChannelCtx {
+            shared: shared.clone(),
+            channel,
+            link,
+            queue: WorkQueue::new(shared.config.queue_limit, shared.config.workers),
+        });
+        let relid = ctx.channel.relid();
+        let mut threads = Vec::new();
+        let mut spawn = |name: String, f: fn(Arc<ChannelCtx>)| {
+            let c = ctx.clone();
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || f(c))
+                .map(|t| threads.push(t))
+        };
+        let mut ok = spawn(format!("storvsp{relid}-ch"), channel_thread).is_ok();
+        for i in 0..shared.config.workers {
+            ok = ok && spawn(format!("storvsp{relid}-w{i}"), worker_thread).is_ok();
+        }
+        if !ok {
+            tracing::warn!("storvsp: cannot start the channel threads");
+            ctx.queue.close();
+            return None;
+        }
+        Some(Self { ctx, threads })
+    }
+
+    /// Stop the workers and wait for every thread (the channel is already closing).
+    fn stop(self) {
+        self.ctx.queue.close();
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A synthetic SCSI controller (the VSP). Add it to the VM's `VmbusServer`; keep the
 /// [`ControllerHandle`] to change LUNs.
 pub struct StorageController {
     shared: Arc<Shared>,
     running: Option<Running>,
+    /// Open sub-channels, by index.
+    subs: BTreeMap<u16, Running>,
 }
 
 impl StorageController {
@@ -773,8 +873,10 @@ impl StorageController {
         config.workers = config.workers.max(1);
         config.queue_limit = config.queue_limit.max(1);
         config.max_transfer_bytes = (config.max_transfer_bytes & !4095).max(4096);
+        config.max_sub_channels = config.max_sub_channels.min(vmbus_server::MAX_SUB_CHANNELS);
         let shared = Arc::new(Shared {
             config,
+            version: AtomicU32::new(0),
             luns: RwLock::new(BTreeMap::new()),
             link: Mutex::new(None),
             rescan_pending: AtomicBool::new(false),
@@ -784,6 +886,7 @@ impl StorageController {
             Self {
                 shared: shared.clone(),
                 running: None,
+                subs: BTreeMap::new(),
             },
             ControllerHandle { shared },
         )
@@ -797,12 +900,14 @@ impl StorageController {
     }
 
     fn stop(&mut self) {
+        // The server closes sub-channels before their primary; this is for drop.
+        for (_, r) in std::mem::take(&mut self.subs) {
+            r.stop();
+        }
         *lock(&self.shared.link) = None;
+        self.shared.version.store(0, Ordering::SeqCst);
         if let Some(r) = self.running.take() {
-            r.ctx.queue.close();
-            for t in r.threads {
-                let _ = t.join();
-            }
+            r.stop();
         }
     }
 }
@@ -822,35 +927,8 @@ impl Vsp for StorageController {
             channel: channel.clone(),
             ready: AtomicBool::new(false),
         });
-        let ctx = Arc::new(ChannelCtx {
-            shared: self.shared.clone(),
-            channel,
-            link: link.clone(),
-            queue: WorkQueue::new(self.shared.config.queue_limit, self.shared.config.workers),
-        });
-        let relid = ctx.channel.relid();
-        let mut threads = Vec::new();
-        let mut spawn = |name: String, f: fn(Arc<ChannelCtx>)| {
-            let c = ctx.clone();
-            std::thread::Builder::new()
-                .name(name)
-                .spawn(move || f(c))
-                .map(|t| threads.push(t))
-        };
-        let mut ok = spawn(format!("storvsp{relid}-ch"), channel_thread).is_ok();
-        for i in 0..self.shared.config.workers {
-            ok = ok && spawn(format!("storvsp{relid}-w{i}"), worker_thread).is_ok();
-        }
-        self.running = Some(Running {
-            ctx: ctx.clone(),
-            threads,
-        });
-        if !ok {
-            tracing::warn!("storvsp: cannot start the channel threads");
-            // The channel thread (if it started) exits once the channel closes.
-            ctx.queue.close();
-            return Err(());
-        }
+        let running = Running::start(&self.shared, channel, Some(link.clone())).ok_or(())?;
+        self.running = Some(running);
         *lock(&self.shared.link) = Some(link);
         self.shared.counters.opens.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -858,6 +936,29 @@ impl Vsp for StorageController {
 
     fn close(&mut self) {
         self.stop();
+    }
+
+    fn open_sub_channel(&mut self, index: u16, channel: Channel) -> Result<(), ()> {
+        if self.running.is_none() {
+            // The server offers sub-channels of an open primary only.
+            return Err(());
+        }
+        if let Some(old) = self.subs.remove(&index) {
+            old.stop();
+        }
+        let running = Running::start(&self.shared, channel, None).ok_or(())?;
+        self.subs.insert(index, running);
+        self.shared
+            .counters
+            .sub_channel_opens
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn close_sub_channel(&mut self, index: u16) {
+        if let Some(r) = self.subs.remove(&index) {
+            r.stop();
+        }
     }
 }
 

@@ -17,14 +17,18 @@
 //! | what each SCSI command does, sense data, VPD and mode pages | `src/scsi/mod.rs` |
 //! | the CDB parser | `src/scsi/cdb.rs` |
 //! | GPA-direct buffers, zero-copy transfers | `src/buffer.rs` |
-//! | channel thread, worker pool, hot add/remove, ENUMERATE_BUS | `src/controller.rs` |
+//! | channel thread, worker pool, sub-channels, hot add/remove, ENUMERATE_BUS | `src/controller.rs` |
 //! | fake guest (storvsc on `vmbus_client`) for tests and the benchmark | `src/test_support.rs` |
 //!
 //! **What it talks to.**
 //! - `vmbus_server`: the worker adds each controller to the VM's `VmbusServer`
 //!   (`add_device(Box::new(controller))`); when the guest opens the channel the controller
 //!   gets a `vmbus_server::Channel` and serves it with one channel thread and a pool of
-//!   worker threads (requests run concurrently and complete out of order).
+//!   worker threads (requests run concurrently and complete out of order). For multi-queue
+//!   I/O the guest asks for sub-channels (CREATE_SUB_CHANNELS, up to
+//!   [`ControllerConfig::max_sub_channels`]); the controller has the server offer them and
+//!   serves each opened one the same way, concurrently, over the same LUNs (see
+//!   `src/controller.rs`).
 //! - `disk`: each LUN's backend, through `read_at`/`write_at`/`flush`/`unmap` from the
 //!   worker threads (the trait is thread-safe).
 //! - Guest RAM: through the channel's `GuestRam` copies, or — if the worker passes a
@@ -41,8 +45,7 @@
 //! - Write to a read-only LUN, or read or write outside a LUN.
 //! - Block the VMBus control thread, or leave a request unanswered while the channel is open.
 //!
-//! **Gaps**: no sub-channels (the VMBus server cannot offer them yet, so QUERY_PROPERTIES
-//! reports none and the guest uses one channel per controller); no persistent reservations,
+//! **Gaps**: no persistent reservations,
 //! no protection information, WRITE SAME's UNMAP bit is ignored (the blocks are written);
 //! Fibre Channel operations are refused. Zero-copy needs the worker to pass a
 //! [`GuestMemoryMap`] (`vmbus_server::GuestRam` only copies), and a buffer of scattered
@@ -94,6 +97,6 @@ mod tests;
 pub use buffer::GuestMemoryMap;
 pub use controller::{
     instance_id, ControllerConfig, ControllerHandle, ControllerStats, LunInfo, LunOptions,
-    StorError, StorageController, MAX_LUNS,
+    StorError, StorageController, DEFAULT_MAX_SUB_CHANNELS, MAX_LUNS,
 };
 pub use protocol::SCSI_CLASS_ID;

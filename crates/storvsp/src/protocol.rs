@@ -73,7 +73,7 @@ pub mod status {
     pub const INVALID_PARAMETER: u32 = 0xC000_000D;
     /// The proposed protocol version is not one we speak.
     pub const REVISION_MISMATCH: u32 = 0xC000_0059;
-    /// Not supported (Fibre Channel data, sub-channels).
+    /// Not supported (Fibre Channel data; sub-channels on a controller configured without).
     pub const NOT_SUPPORTED: u32 = 0xC000_00BB;
     /// Request out of sequence (an SRB before initialization).
     pub const INVALID_DEVICE_STATE: u32 = 0xC000_0184;

@@ -14,7 +14,8 @@ use zerocopy::IntoBytes;
 use crate::protocol::{
     body_as, op, set_body, srb_status, status, ChannelProperties, ProtocolVersion, VmScsiRequest,
     VstorPacket, HEADER_SIZE, MAX_CDB_LEN, PACKET_SIZE, SCSI_STATUS_CHECK_CONDITION,
-    SENSE_BUFFER_SIZE, SRB_SIZE_PRE_WIN8, SUPPORTED_VERSIONS,
+    SENSE_BUFFER_SIZE, SRB_SIZE_PRE_WIN8, STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL,
+    SUPPORTED_VERSIONS,
 };
 use crate::scsi::{Outcome, Sense};
 
@@ -83,19 +84,60 @@ pub fn parse(payload: &[u8]) -> Result<Request, ParseError> {
 pub struct Properties {
     /// Per-request transfer limit.
     pub max_transfer_bytes: u32,
+    /// Sub-channels the guest may ask for (QUERY_PROPERTIES' `max_channel_cnt`, with the
+    /// multi-channel flag when not 0).
+    pub max_sub_channels: u16,
 }
 
-/// The per-channel protocol state: the initialization handshake.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// The per-channel protocol state: the initialization handshake, and on the primary
+/// channel the one CREATE_SUB_CHANNELS it may carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Session {
     version: Option<u16>,
     ready: bool,
+    /// A primary channel (sub-channels cannot create sub-channels).
+    primary: bool,
+    /// CREATE_SUB_CHANNELS was accepted on this opening (kept across re-initialization:
+    /// once per opening).
+    sub_channels_created: bool,
+    /// Accepted and not yet taken by [`Session::take_sub_channel_request`].
+    pending_sub_channels: Option<u16>,
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Session {
-    /// A channel that has just been opened.
+    /// A primary channel that has just been opened.
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            version: None,
+            ready: false,
+            primary: true,
+            sub_channels_created: false,
+            pending_sub_channels: None,
+        }
+    }
+
+    /// A sub-channel that has just been opened. Linux sends no initialization on
+    /// sub-channels: they carry SRBs at once, under the version the primary negotiated
+    /// (`None`: SRBs are refused until the guest initializes this channel itself).
+    pub fn sub_channel(version: Option<u16>) -> Self {
+        Self {
+            version,
+            ready: version.is_some(),
+            primary: false,
+            ..Self::new()
+        }
+    }
+
+    /// The sub-channel count of a CREATE_SUB_CHANNELS just accepted (once): the caller
+    /// asks the VMBus server for them, and answers with an error instead if it cannot.
+    pub fn take_sub_channel_request(&mut self) -> Option<u16> {
+        self.pending_sub_channels.take()
     }
 
     /// The negotiated protocol version.
@@ -121,7 +163,11 @@ impl Session {
         let st = match req.operation.get() {
             op::BEGIN_INITIALIZATION => {
                 // (Re)start: a guest that reinitializes renegotiates.
-                *self = Session::new();
+                *self = Session {
+                    primary: self.primary,
+                    sub_channels_created: self.sub_channels_created,
+                    ..Session::new()
+                };
                 status::SUCCESS
             }
             op::QUERY_PROTOCOL_VERSION => {
@@ -138,9 +184,13 @@ impl Session {
                 set_body(
                     &mut reply,
                     &ChannelProperties {
-                        // No sub-channels: the VMBus server cannot offer them yet.
-                        max_channel_cnt: U16::new(0),
-                        flags: U32::new(0),
+                        // Linux asks for min(its CPUs - 1, max_channel_cnt) sub-channels.
+                        max_channel_cnt: U16::new(props.max_sub_channels),
+                        flags: U32::new(if props.max_sub_channels > 0 {
+                            STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL
+                        } else {
+                            0
+                        }),
                         max_transfer_bytes: U32::new(props.max_transfer_bytes),
                         ..Default::default()
                     },
@@ -152,10 +202,26 @@ impl Session {
                 status::SUCCESS
             }
             op::QUERY_PROPERTIES | op::END_INITIALIZATION => status::INVALID_DEVICE_STATE,
+            op::CREATE_SUB_CHANNELS => {
+                // `sub_channel_count`: the union's first u16.
+                let count = u16::from_le_bytes([req.body[0], req.body[1]]);
+                if props.max_sub_channels == 0 {
+                    status::NOT_SUPPORTED
+                } else if !self.primary || !self.ready || self.sub_channels_created {
+                    // Only on the primary, after END_INITIALIZATION, once per opening.
+                    status::INVALID_DEVICE_STATE
+                } else if count == 0 || count > props.max_sub_channels {
+                    status::INVALID_PARAMETER
+                } else {
+                    self.sub_channels_created = true;
+                    self.pending_sub_channels = Some(count);
+                    status::SUCCESS
+                }
+            }
             // Every request is answered on its own; a reset has nothing to discard.
             op::RESET_LUN | op::RESET_ADAPTER | op::RESET_BUS => status::SUCCESS,
-            // Not a Fibre Channel controller; no sub-channels.
-            op::FCHBA_DATA | op::CREATE_SUB_CHANNELS => status::NOT_SUPPORTED,
+            // Not a Fibre Channel controller.
+            op::FCHBA_DATA => status::NOT_SUPPORTED,
             _ => status::INVALID_PARAMETER,
         };
         reply.status = U32::new(st);
@@ -253,6 +319,7 @@ mod tests {
 
     const PROPS: Properties = Properties {
         max_transfer_bytes: 1 << 20,
+        max_sub_channels: 4,
     };
 
     #[test]
@@ -277,14 +344,18 @@ mod tests {
         assert_eq!(r.status.get(), 0);
         let props: ChannelProperties = body_as(&r);
         assert_eq!(props.max_transfer_bytes.get(), 1 << 20);
-        assert_eq!(props.flags.get(), 0);
-        assert_eq!(props.max_channel_cnt.get(), 0);
+        assert_eq!(props.flags.get(), STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL);
+        assert_eq!(props.max_channel_cnt.get(), 4);
         assert!(!s.ready());
+        // CREATE_SUB_CHANNELS before END_INITIALIZATION: refused.
+        let r = s.control(&ctl(op::CREATE_SUB_CHANNELS, &[1, 0]), &PROPS);
+        assert_eq!(r.status.get(), status::INVALID_DEVICE_STATE);
+        assert_eq!(s.take_sub_channel_request(), None);
         let r = s.control(&ctl(op::END_INITIALIZATION, &[]), &PROPS);
         assert_eq!(r.status.get(), 0);
         assert!(s.ready());
-        // Sub-channels and FC data are refused, unknown operations too.
-        for o in [op::CREATE_SUB_CHANNELS, op::FCHBA_DATA, 99, op::COMPLETE_IO] {
+        // FC data is refused, unknown operations too.
+        for o in [op::FCHBA_DATA, 99, op::COMPLETE_IO] {
             assert_ne!(s.control(&ctl(o, &[1]), &PROPS).status.get(), 0, "op {o}");
         }
         assert_eq!(s.control(&ctl(op::RESET_BUS, &[]), &PROPS).status.get(), 0);
@@ -311,6 +382,60 @@ mod tests {
         let mut p = VstorPacket::new(op::EXECUTE_SRB, 0);
         set_body(&mut p, &srb);
         p.as_bytes().to_vec()
+    }
+
+    #[test]
+    fn create_sub_channels_once_with_a_valid_count() {
+        let init = |s: &mut Session| {
+            for (o, body) in [
+                (op::BEGIN_INITIALIZATION, vec![]),
+                (
+                    op::QUERY_PROTOCOL_VERSION,
+                    VERSION_WIN10.to_le_bytes().to_vec(),
+                ),
+                (op::QUERY_PROPERTIES, vec![]),
+                (op::END_INITIALIZATION, vec![]),
+            ] {
+                assert_eq!(s.control(&ctl(o, &body), &PROPS).status.get(), 0);
+            }
+        };
+        let create = |s: &mut Session, n: u16| {
+            s.control(&ctl(op::CREATE_SUB_CHANNELS, &n.to_le_bytes()), &PROPS)
+                .status
+                .get()
+        };
+        let mut s = Session::new();
+        init(&mut s);
+        // Count 0 or above the maximum: refused, and a good request still works after.
+        assert_eq!(create(&mut s, 0), status::INVALID_PARAMETER);
+        assert_eq!(create(&mut s, 5), status::INVALID_PARAMETER);
+        assert_eq!(create(&mut s, u16::MAX), status::INVALID_PARAMETER);
+        assert_eq!(s.take_sub_channel_request(), None);
+        assert_eq!(create(&mut s, 3), 0);
+        assert_eq!(s.take_sub_channel_request(), Some(3));
+        assert_eq!(s.take_sub_channel_request(), None);
+        // Twice: refused, even after re-initializing.
+        assert_eq!(create(&mut s, 1), status::INVALID_DEVICE_STATE);
+        init(&mut s);
+        assert_eq!(create(&mut s, 1), status::INVALID_DEVICE_STATE);
+        assert_eq!(s.take_sub_channel_request(), None);
+        // A sub-channel accepts SRBs at once, and no CREATE_SUB_CHANNELS.
+        let mut sub = Session::sub_channel(Some(VERSION_WIN10));
+        assert!(sub.accepts_srbs());
+        assert_eq!(create(&mut sub, 1), status::INVALID_DEVICE_STATE);
+        assert!(!Session::sub_channel(None).accepts_srbs());
+        // A controller without sub-channels says so.
+        let mut s = Session::new();
+        init(&mut s);
+        let none = Properties {
+            max_sub_channels: 0,
+            ..PROPS
+        };
+        let r = s.control(&ctl(op::QUERY_PROPERTIES, &[]), &none);
+        let p: ChannelProperties = body_as(&r);
+        assert_eq!((p.flags.get(), p.max_channel_cnt.get()), (0, 0));
+        let r = s.control(&ctl(op::CREATE_SUB_CHANNELS, &[1, 0]), &none);
+        assert_eq!(r.status.get(), status::NOT_SUPPORTED);
     }
 
     #[test]

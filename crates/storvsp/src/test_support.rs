@@ -507,7 +507,7 @@ impl FakeStorvsc {
         client.request_offers()?;
         let offer = *client
             .offers()
-            .find(|o| o.instance_id == instance)
+            .find(|o| o.instance_id == instance && o.sub_channel_index == 0)
             .ok_or_else(|| FakeError::Protocol(format!("no offer with instance {instance:?}")))?;
         Self::open_offer(client, vm.ram.clone(), offer, ring_pages)
     }
@@ -533,8 +533,65 @@ impl FakeStorvsc {
             .ok_or_else(|| FakeError::Protocol("no VMBus client on this channel".into()))?;
         let offer = *client
             .offers()
-            .find(|o| o.instance_id == instance)
+            .find(|o| o.instance_id == instance && o.sub_channel_index == 0)
             .ok_or_else(|| FakeError::Protocol(format!("no offer with instance {instance:?}")))?;
+        Self::open_with(client, self.ram.clone(), offer, ring_pages)
+    }
+
+    /// Ask for `count` sub-channels (CREATE_SUB_CHANNELS, as Linux's
+    /// `handle_multichannel_storage` does) and return the answer.
+    pub fn create_sub_channels(
+        &mut self,
+        count: u16,
+        transaction_id: u64,
+    ) -> Result<Completion, FakeError> {
+        self.control(
+            op::CREATE_SUB_CHANNELS,
+            &count.to_le_bytes(),
+            transaction_id,
+        )
+    }
+
+    /// The live (not rescinded) sub-channel offers of this channel's device, by index,
+    /// waiting up to `within` for `want` of them (fewer are returned when no more come).
+    pub fn sub_channel_offers(
+        &mut self,
+        want: usize,
+        within: Duration,
+    ) -> Result<Vec<Offer>, FakeError> {
+        let primary = self.offer;
+        let client = self
+            .client
+            .as_mut()
+            .ok_or_else(|| FakeError::Protocol("no VMBus client on this channel".into()))?;
+        let deadline = Instant::now() + within;
+        loop {
+            client.poll();
+            let mut subs: Vec<Offer> = client
+                .offers()
+                .filter(|o| {
+                    o.sub_channel_index != 0
+                        && !o.rescinded
+                        && o.class_id == primary.class_id
+                        && o.instance_id == primary.instance_id
+                })
+                .copied()
+                .collect();
+            if subs.len() >= want || Instant::now() > deadline {
+                subs.sort_by_key(|o| o.sub_channel_index);
+                return Ok(subs);
+            }
+            client.hv().wait();
+        }
+    }
+
+    /// Open a sub-channel `offer` (as Linux's `handle_sc_creation`: its own rings, no
+    /// initialization) through this channel's VMBus connection.
+    pub fn open_sub_channel(&mut self, offer: Offer, ring_pages: u64) -> Result<Self, FakeError> {
+        let client = self
+            .client
+            .as_mut()
+            .ok_or_else(|| FakeError::Protocol("no VMBus client on this channel".into()))?;
         Self::open_with(client, self.ram.clone(), offer, ring_pages)
     }
 

@@ -9,7 +9,7 @@ use vmbus_ring::{
 };
 
 use crate::ram::{pfn_gpa, GuestRam, GuestRamRing};
-use crate::state::Registry;
+use crate::state::{Registry, SubChannelRequest};
 use crate::GuestSynic;
 
 /// A channel operation failed.
@@ -30,6 +30,9 @@ pub enum ChannelError {
     /// A wait timed out.
     #[error("timed out")]
     Timeout,
+    /// The server refused the request (e.g. sub-channels asked for on a sub-channel).
+    #[error("refused: {0}")]
+    Refused(&'static str),
 }
 
 /// A non-blocking send did not happen.
@@ -284,6 +287,7 @@ struct Events {
 /// State shared by the server and every handle of one open channel.
 pub(crate) struct ChannelShared {
     relid: u32,
+    sub_channel_index: u16,
     sint: u8,
     target_vp: AtomicU32,
     user_data: [u8; 120],
@@ -302,6 +306,8 @@ pub(crate) struct ChannelShared {
 
 pub(crate) struct ChannelSetup {
     pub relid: u32,
+    /// 0 for a primary channel.
+    pub sub_channel_index: u16,
     pub sint: u8,
     pub target_vp: u32,
     pub user_data: [u8; 120],
@@ -324,6 +330,7 @@ impl ChannelShared {
         let guest_signals_space = s.reader.writer_uses_pending_send_size();
         Arc::new(Self {
             relid: s.relid,
+            sub_channel_index: s.sub_channel_index,
             sint: s.sint,
             target_vp: AtomicU32::new(s.target_vp),
             user_data: s.user_data,
@@ -441,6 +448,7 @@ impl std::fmt::Debug for Channel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Channel")
             .field("relid", &self.shared.relid)
+            .field("sub_channel_index", &self.shared.sub_channel_index)
             .finish()
     }
 }
@@ -457,6 +465,43 @@ impl Channel {
     /// The channel's relid.
     pub fn relid(&self) -> u32 {
         self.shared.relid
+    }
+
+    /// 0 for a primary channel, 1.. for a sub-channel.
+    pub fn sub_channel_index(&self) -> u16 {
+        self.shared.sub_channel_index
+    }
+
+    /// Ask the server to offer `count` more sub-channels of this (primary, open) channel:
+    /// offers with the primary's class and instance GUIDs, `sub_channel_index` continuing
+    /// from the last one offered (1 for the first), each with its own relid and connection
+    /// id. Sub-channels opened by the guest reach the VSP through
+    /// [`crate::Vsp::open_sub_channel`].
+    ///
+    /// Never waits for the control thread (so it may be called from the VSP's channel
+    /// thread): the request is queued and the offers go out shortly after. The server offers
+    /// at most [`crate::MAX_SUB_CHANNELS`] per opening of the primary (fewer when relids
+    /// run out); all of them are closed and rescinded when the primary closes.
+    ///
+    /// Errors: `Closed`; `Refused` for a count of 0, on a sub-channel, or when too many
+    /// requests are queued.
+    pub fn offer_sub_channels(&self, count: u16) -> Result<(), ChannelError> {
+        self.check_open()?;
+        if self.shared.sub_channel_index != 0 {
+            return Err(ChannelError::Refused(
+                "sub-channels are offered for primary channels only",
+            ));
+        }
+        if count == 0 {
+            return Err(ChannelError::Refused("no sub-channels asked for"));
+        }
+        self.shared
+            .registry
+            .request_sub_channels(SubChannelRequest {
+                relid: self.shared.relid,
+                channel: Arc::downgrade(&self.shared),
+                count,
+            })
     }
 
     /// The 120 bytes of user data from the guest's OPENCHANNEL.

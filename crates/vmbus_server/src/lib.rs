@@ -8,6 +8,21 @@
 //! thread of its own (receive packets, send packets and completions, read and write the guest
 //! buffers that GPA-direct packets describe, wait for the guest's signals).
 //!
+//! **Sub-channels** (multi-queue devices such as storvsc): a VSP asks for them on its open
+//! primary channel with [`Channel::offer_sub_channels`] (from its own thread; the request is
+//! queued and never waits for the control thread). The server then offers each as a channel
+//! of its own: the primary's class and instance GUIDs, `sub_channel_index` 1..N (per
+//! opening of the primary, at most [`MAX_SUB_CHANNELS`]), its own relid and connection id
+//! (0x10000 + relid; dedicated interrupt, no monitor id, like every channel we offer) —
+//! which is how Linux's `vmbus_onoffer` recognizes a sub-channel of the primary. The guest
+//! builds its GPADLs and opens, closes and modifies each one exactly as a primary, with the
+//! same validation; an opened sub-channel reaches the VSP as a [`Channel`]
+//! ([`Vsp::open_sub_channel`], closed through [`Vsp::close_sub_channel`]). Sub-channels
+//! live only while their primary is open: when it closes (guest CLOSECHANNEL, device
+//! removal) the open ones are closed first and all are rescinded (their relids stay taken
+//! until the guest's RELID_RELEASED); on UNLOAD or reset they are forgotten. A request
+//! from an opening that has since closed is dropped.
+//!
 //! **What it talks to.**
 //! - The `hv1` layer hands it the guest's hypercalls: [`VmbusServer::post_message`]
 //!   (HvPostMessage: returns the hypercall status; connection id 4 for VMBus 5.0+, 1 before)
@@ -55,6 +70,7 @@ pub use ram::{GuestRam, GuestRamError, GuestRamRing};
 pub use server::VmbusServer;
 pub use state::{
     ChannelState, ChannelStatus, DeviceId, ServerConfig, ServerCore, ServerError, ServerStatus,
+    MAX_SUB_CHANNELS,
 };
 pub use vmbus_protocol::Guid;
 pub use vmbus_ring::{OutgoingGpaRange, OutgoingKind, OutgoingPacket, Packet, PacketKind};
@@ -115,6 +131,20 @@ pub trait Vsp: Send {
     fn open(&mut self, channel: Channel) -> Result<(), ()>;
     /// The channel is closing (guest CLOSECHANNEL, rescind, UNLOAD, reset). Its methods
     /// already return [`ChannelError::Closed`] and its waits have been woken; stop using it
-    /// and return once no thread of yours touches it any more.
+    /// and return once no thread of yours touches it any more. Every sub-channel of this
+    /// opening was closed ([`Vsp::close_sub_channel`]) before.
     fn close(&mut self);
+    /// The guest opened sub-channel `index` (1..) of the open primary channel, one the VSP
+    /// asked for with [`Channel::offer_sub_channels`]. Same contract as [`Vsp::open`]; the
+    /// default refuses (a VSP that never asks for sub-channels never gets here).
+    #[allow(clippy::result_unit_err)]
+    fn open_sub_channel(&mut self, index: u16, channel: Channel) -> Result<(), ()> {
+        let _ = (index, channel);
+        Err(())
+    }
+    /// Sub-channel `index` is closing (guest CLOSECHANNEL on it, or its primary closing,
+    /// rescinded, reset). Same contract as [`Vsp::close`].
+    fn close_sub_channel(&mut self, index: u16) {
+        let _ = index;
+    }
 }

@@ -41,6 +41,8 @@ struct Queue {
     inbound: VecDeque<GuestMessage>,
     commands: VecDeque<Command>,
     slot_freed: bool,
+    /// A VSP queued a sub-channel request in the registry.
+    sub_channel_requests: bool,
     shutdown: bool,
 }
 
@@ -83,6 +85,13 @@ impl VmbusServer {
             queue: Mutex::new(Queue::default()),
             cond: Condvar::new(),
         });
+        let weak = Arc::downgrade(&inner);
+        inner.registry.set_notifier(Box::new(move || {
+            if let Some(inner) = weak.upgrade() {
+                inner.lock().sub_channel_requests = true;
+                inner.cond.notify_all();
+            }
+        }));
         let thread = {
             let inner = inner.clone();
             std::thread::Builder::new()
@@ -209,7 +218,10 @@ fn control_thread(inner: &Inner, mut core: ServerCore) {
                     return;
                 }
                 let take_inbound = core.queued_messages() < OUTBOUND_PAUSE;
-                if !q.commands.is_empty() || (take_inbound && !q.inbound.is_empty()) || q.slot_freed
+                if !q.commands.is_empty()
+                    || (take_inbound && !q.inbound.is_empty())
+                    || q.slot_freed
+                    || q.sub_channel_requests
                 {
                     break;
                 }
@@ -224,6 +236,7 @@ fn control_thread(inner: &Inner, mut core: ServerCore) {
                 q = inner.cond.wait(q).unwrap_or_else(|e| e.into_inner());
             }
             q.slot_freed = false;
+            q.sub_channel_requests = false;
             let commands: Vec<Command> = q.commands.drain(..).collect();
             let messages: Vec<GuestMessage> = if core.queued_messages() < OUTBOUND_PAUSE {
                 q.inbound.drain(..).collect()
@@ -238,6 +251,10 @@ fn control_thread(inner: &Inner, mut core: ServerCore) {
             core.handle_message(m.vp, m.connection_id, &m.data[..m.len]);
             core.flush();
         }
+        // Sub-channel requests VSP threads queued (after the guest messages: a request
+        // from an opening the guest has closed meanwhile is dropped).
+        core.handle_sub_channel_requests();
+        core.flush();
         for c in commands {
             match c {
                 Command::Add(vsp, tx) => {

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use tracing::{debug, info};
 use vmbus_protocol::{
@@ -17,7 +17,7 @@ use vmbus_protocol::{
 use vmbus_ring::{RingReader, RingWriter, PAGE_SIZE};
 use zerocopy::little_endian::{U16, U32, U64};
 
-use crate::channel::{Channel, ChannelSetup, ChannelShared, GpadlData, PageRange};
+use crate::channel::{Channel, ChannelError, ChannelSetup, ChannelShared, GpadlData, PageRange};
 use crate::ram::{pfn_gpa, GuestRam, GuestRamRing};
 use crate::{
     channel_connection_id, GuestSynic, Vsp, HV_STATUS_INVALID_CONNECTION_ID,
@@ -26,6 +26,12 @@ use crate::{
 
 /// The VMBus versions we accept, newest first (Win8 2.4 through 5.3).
 pub const SUPPORTED_VERSIONS: [u32; 8] = vmbus_protocol::LINUX_VERSIONS;
+
+/// Most sub-channels offered per opening of a primary channel.
+pub const MAX_SUB_CHANNELS: u16 = 64;
+
+/// Sub-channel requests queued by VSP threads and not yet handled by the control thread.
+const MAX_QUEUED_SUB_CHANNEL_REQUESTS: usize = 256;
 
 /// Status we put in OPENCHANNEL_RESULT / GPADL_CREATED / MODIFYCHANNEL_RESPONSE on failure
 /// (NTSTATUS STATUS_UNSUCCESSFUL; Linux only tests for non-zero).
@@ -108,6 +114,8 @@ pub struct ChannelStatus {
     pub state: ChannelState,
     /// Host → guest interrupts sent while open (this opening).
     pub host_signals: u64,
+    /// 0 for a device's primary channel; 1.. for its sub-channels.
+    pub sub_channel_index: u16,
 }
 
 /// A snapshot of the server, for tests and diagnostics.
@@ -123,13 +131,29 @@ pub struct ServerStatus {
     pub queued_messages: usize,
 }
 
-/// What the hypercall paths (VP threads) need without the control thread: the message
-/// connection id and the channels by connection id.
+/// A VSP asked for sub-channels of its open primary channel ([`Channel::offer_sub_channels`]).
+pub(crate) struct SubChannelRequest {
+    /// The primary's relid.
+    pub relid: u32,
+    /// The opening that asked (a request from an earlier opening is dropped).
+    pub channel: Weak<ChannelShared>,
+    /// How many more.
+    pub count: u16,
+}
+
+type Notifier = Box<dyn Fn() + Send + Sync>;
+
+/// What the hypercall paths (VP threads) and VSP threads need without the control thread:
+/// the message connection id, the channels by connection id, the complete GPADLs, and the
+/// queue of sub-channel requests.
 pub(crate) struct Registry {
     /// 0 while disconnected, else the message connection id negotiated.
     msg_conn: AtomicU32,
     channels: RwLock<HashMap<u32, Arc<ChannelShared>>>,
     gpadls: RwLock<HashMap<u32, Arc<GpadlData>>>,
+    sub_channel_requests: Mutex<Vec<SubChannelRequest>>,
+    /// Wakes whoever drives the [`ServerCore`] (the control thread) after a request.
+    notifier: OnceLock<Notifier>,
 }
 
 impl Registry {
@@ -138,7 +162,42 @@ impl Registry {
             msg_conn: AtomicU32::new(0),
             channels: RwLock::new(HashMap::new()),
             gpadls: RwLock::new(HashMap::new()),
+            sub_channel_requests: Mutex::new(Vec::new()),
+            notifier: OnceLock::new(),
         }
+    }
+
+    /// Set the function that wakes the control thread when a VSP queues a request.
+    pub(crate) fn set_notifier(&self, f: Notifier) {
+        let _ = self.notifier.set(f);
+    }
+
+    pub(crate) fn request_sub_channels(&self, r: SubChannelRequest) -> Result<(), ChannelError> {
+        {
+            let mut q = self
+                .sub_channel_requests
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if q.len() >= MAX_QUEUED_SUB_CHANNEL_REQUESTS {
+                return Err(ChannelError::Refused(
+                    "too many sub-channel requests queued",
+                ));
+            }
+            q.push(r);
+        }
+        if let Some(n) = self.notifier.get() {
+            n();
+        }
+        Ok(())
+    }
+
+    fn take_sub_channel_requests(&self) -> Vec<SubChannelRequest> {
+        std::mem::take(
+            &mut *self
+                .sub_channel_requests
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
     }
 
     pub(crate) fn gpadl(&self, id: u32) -> Option<Arc<GpadlData>> {
@@ -223,12 +282,40 @@ enum SlotState {
     Rescinded,
 }
 
+/// What a relid is: a device's primary channel (which owns the VSP) or one of its
+/// sub-channels.
+enum Role {
+    Primary {
+        vsp: Box<dyn Vsp>,
+        /// Sub-channels offered during the current opening (the next index is this + 1).
+        subs_offered: u16,
+    },
+    Sub {
+        /// The primary's relid. Sub-channels exist (not rescinded) only while it is open.
+        primary: u32,
+        index: u16,
+    },
+}
+
 struct Slot {
     device: DeviceId,
-    vsp: Box<dyn Vsp>,
+    role: Role,
     class: Guid,
     instance: Guid,
     state: SlotState,
+}
+
+impl Slot {
+    fn sub_of(&self, primary: u32) -> bool {
+        matches!(self.role, Role::Sub { primary: p, .. } if p == primary)
+    }
+
+    fn sub_channel_index(&self) -> u16 {
+        match self.role {
+            Role::Primary { .. } => 0,
+            Role::Sub { index, .. } => index,
+        }
+    }
 }
 
 enum GpadlState {
@@ -361,6 +448,7 @@ impl ServerCore {
                         SlotState::Open { shared, .. } => shared.host_signal_count(),
                         _ => 0,
                     },
+                    sub_channel_index: s.sub_channel_index(),
                 })
                 .collect(),
             gpadls: self.gpadls.len(),
@@ -389,7 +477,10 @@ impl ServerCore {
             relid,
             Slot {
                 device,
-                vsp,
+                role: Role::Primary {
+                    vsp,
+                    subs_offered: 0,
+                },
                 class,
                 instance,
                 state: SlotState::Pending,
@@ -408,9 +499,15 @@ impl ServerCore {
         let relid = self
             .slots
             .iter()
-            .find(|(_, s)| s.device == device && !matches!(s.state, SlotState::Rescinded))
+            .find(|(_, s)| {
+                s.device == device
+                    && matches!(s.role, Role::Primary { .. })
+                    && !matches!(s.state, SlotState::Rescinded)
+            })
             .map(|(&r, _)| r)
             .ok_or(ServerError::NoSuchDevice(device))?;
+        // Sub-channels go first (closed, then rescinded), as Linux closes them first.
+        self.revoke_sub_channels(relid, true);
         let slot = self.slots.get_mut(&relid).expect("found above");
         match std::mem::replace(&mut slot.state, SlotState::Rescinded) {
             SlotState::Pending => {
@@ -431,8 +528,20 @@ impl ServerCore {
     /// wait to be offered again; rescinded ones are gone.
     pub fn reset(&mut self) {
         self.outbound.clear();
-        let relids: Vec<u32> = self.slots.keys().copied().collect();
-        for relid in relids {
+        // Sub-channels first (closed, then forgotten: the guest asks again after it
+        // reconnects), so that no sub-channel outlives its primary's opening.
+        let primaries: Vec<u32> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| matches!(s.role, Role::Primary { .. }))
+            .map(|(&r, _)| r)
+            .collect();
+        for &relid in &primaries {
+            self.revoke_sub_channels(relid, false);
+        }
+        self.slots
+            .retain(|_, s| matches!(s.role, Role::Primary { .. }));
+        for relid in primaries {
             let slot = self.slots.get_mut(&relid).expect("listed above");
             match std::mem::replace(&mut slot.state, SlotState::Pending) {
                 SlotState::Open { shared, gpadl } => self.close_channel(relid, shared, gpadl),
@@ -568,7 +677,28 @@ impl ServerCore {
         self.send_to(vp, sint, MessageBuf::header_only(msgtype::UNLOAD_RESPONSE));
     }
 
+    /// The VSP behind `relid` (the primary's for a sub-channel) and the channel's
+    /// sub-channel index.
+    fn vsp_of(&mut self, relid: u32) -> Option<(&mut Box<dyn Vsp>, u16)> {
+        let (primary, index) = match self.slots.get(&relid)?.role {
+            Role::Primary { .. } => (relid, 0),
+            Role::Sub { primary, index } => (primary, index),
+        };
+        match &mut self.slots.get_mut(&primary)?.role {
+            Role::Primary { vsp, .. } => Some((vsp, index)),
+            Role::Sub { .. } => None,
+        }
+    }
+
     fn offer(&mut self, relid: u32) {
+        let Some((vsp, index)) = self.vsp_of(relid) else {
+            return;
+        };
+        let (flags, mmio, user_defined) = (
+            vsp.channel_flags(),
+            vsp.mmio_megabytes(),
+            vsp.user_defined(),
+        );
         let Some(slot) = self.slots.get_mut(&relid) else {
             return;
         };
@@ -578,10 +708,10 @@ impl ServerCore {
             interface_instance: slot.instance,
             reserved1: U64::new(0),
             reserved2: U64::new(0),
-            channel_flags: U16::new(slot.vsp.channel_flags()),
-            mmio_megabytes: U16::new(slot.vsp.mmio_megabytes()),
-            user_defined: slot.vsp.user_defined(),
-            sub_channel_index: U16::new(0),
+            channel_flags: U16::new(flags),
+            mmio_megabytes: U16::new(mmio),
+            user_defined,
+            sub_channel_index: U16::new(index),
             reserved3: U16::new(0),
             child_relid: U32::new(relid),
             monitor_id: 0,
@@ -660,8 +790,10 @@ impl ServerCore {
             .ok_or("host->guest ring unusable")?;
         let reader = RingReader::new(out_ring).map_err(|_| "guest->host ring header invalid")?;
         let writer = RingWriter::new(in_ring).map_err(|_| "host->guest ring header invalid")?;
+        let sub_channel_index = slot.sub_channel_index();
         let shared = ChannelShared::new(ChannelSetup {
             relid,
+            sub_channel_index,
             sint,
             target_vp,
             user_data: o.user_data,
@@ -673,13 +805,22 @@ impl ServerCore {
         });
         let conn_id = channel_connection_id(relid);
         self.registry.set_channel(conn_id, Some(shared.clone()));
-        let slot = self.slots.get_mut(&relid).expect("checked above");
-        if slot.vsp.open(Channel::new(shared.clone())).is_err() {
+        let (vsp, index) = self
+            .vsp_of(relid)
+            .ok_or("sub-channel without its primary")?;
+        let channel = Channel::new(shared.clone());
+        let opened = if index == 0 {
+            vsp.open(channel)
+        } else {
+            vsp.open_sub_channel(index, channel)
+        };
+        if opened.is_err() {
             shared.begin_close();
             shared.finish_close();
             self.registry.set_channel(conn_id, None);
             return Err("device refused to open");
         }
+        let slot = self.slots.get_mut(&relid).expect("checked above");
         slot.state = SlotState::Open {
             shared,
             gpadl: gpadl_id,
@@ -693,8 +834,10 @@ impl ServerCore {
     /// Close an open channel whose slot state was already replaced.
     fn close_channel(&mut self, relid: u32, shared: Arc<ChannelShared>, gpadl: u32) {
         shared.begin_close();
-        if let Some(slot) = self.slots.get_mut(&relid) {
-            slot.vsp.close();
+        match self.vsp_of(relid) {
+            Some((vsp, 0)) => vsp.close(),
+            Some((vsp, index)) => vsp.close_sub_channel(index),
+            None => {}
         }
         shared.finish_close();
         self.registry
@@ -720,10 +863,124 @@ impl ServerCore {
             debug!(relid, "CLOSECHANNEL for a channel that is not open");
             return;
         }
+        // Closing a primary closes and rescinds its sub-channels first.
+        self.revoke_sub_channels(relid, true);
+        let Some(slot) = self.slots.get_mut(&relid) else {
+            return;
+        };
         if let SlotState::Open { shared, gpadl } =
             std::mem::replace(&mut slot.state, SlotState::Offered)
         {
             self.close_channel(relid, shared, gpadl);
+        }
+    }
+
+    /// Tear down the sub-channels of primary `primary` (no-op for a sub-channel): close the
+    /// open ones (the VSP's `close_sub_channel`), then rescind them (`rescind`: they keep
+    /// their relids until the guest releases them) or forget them (the connection is
+    /// going away). The next opening of the primary starts again from index 1.
+    fn revoke_sub_channels(&mut self, primary: u32, rescind: bool) {
+        let subs: Vec<u32> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.sub_of(primary) && !matches!(s.state, SlotState::Rescinded))
+            .map(|(&r, _)| r)
+            .collect();
+        for relid in subs {
+            let Some(slot) = self.slots.get_mut(&relid) else {
+                continue;
+            };
+            if let SlotState::Open { shared, gpadl } =
+                std::mem::replace(&mut slot.state, SlotState::Rescinded)
+            {
+                self.close_channel(relid, shared, gpadl);
+            }
+            if rescind {
+                info!(relid, primary, "rescinding sub-channel");
+                self.send(MessageBuf::new(&RescindChannelOffer {
+                    child_relid: U32::new(relid),
+                }));
+            } else {
+                self.slots.remove(&relid);
+            }
+        }
+        if let Some(Slot {
+            role: Role::Primary { subs_offered, .. },
+            ..
+        }) = self.slots.get_mut(&primary)
+        {
+            *subs_offered = 0;
+        }
+    }
+
+    /// Offer the sub-channels VSPs asked for ([`Channel::offer_sub_channels`]) since the
+    /// last call. [`crate::VmbusServer`]'s control thread calls it whenever a VSP queues a
+    /// request; whoever drives a `ServerCore` directly calls it (then [`ServerCore::flush`]).
+    pub fn handle_sub_channel_requests(&mut self) {
+        for r in self.registry.take_sub_channel_requests() {
+            self.offer_sub_channels(&r);
+        }
+    }
+
+    fn offer_sub_channels(&mut self, r: &SubChannelRequest) {
+        let primary = r.relid;
+        let Some(slot) = self.slots.get(&primary) else {
+            return;
+        };
+        // Only the current opening of an open primary may ask.
+        let current = match &slot.state {
+            SlotState::Open { shared, .. } => std::ptr::eq(r.channel.as_ptr(), Arc::as_ptr(shared)),
+            _ => false,
+        };
+        let Role::Primary { subs_offered, .. } = slot.role else {
+            return;
+        };
+        if !current || self.conn.is_none() {
+            debug!(
+                relid = primary,
+                "dropping a sub-channel request of a closed channel"
+            );
+            return;
+        }
+        let (device, class, instance) = (slot.device, slot.class, slot.instance);
+        let want = r.count.min(MAX_SUB_CHANNELS - subs_offered);
+        if want < r.count {
+            debug!(
+                relid = primary,
+                asked = r.count,
+                want,
+                "sub-channel limit reached"
+            );
+        }
+        let mut offered = subs_offered;
+        for _ in 0..want {
+            let Some(relid) = (1..=MAX_RELID).find(|r| !self.slots.contains_key(r)) else {
+                info!(relid = primary, "no free relid for another sub-channel");
+                break;
+            };
+            offered += 1;
+            self.slots.insert(
+                relid,
+                Slot {
+                    device,
+                    role: Role::Sub {
+                        primary,
+                        index: offered,
+                    },
+                    class,
+                    instance,
+                    state: SlotState::Pending,
+                },
+            );
+            info!(relid, primary, index = offered, "offering sub-channel");
+            self.offer(relid);
+        }
+        if let Some(Slot {
+            role: Role::Primary { subs_offered, .. },
+            ..
+        }) = self.slots.get_mut(&primary)
+        {
+            *subs_offered = offered;
         }
     }
 

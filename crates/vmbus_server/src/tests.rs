@@ -28,6 +28,9 @@ struct VspLog {
     errors: Vec<String>,
     /// Packets of kinds the VSP does not answer.
     ignored: u32,
+    /// Sub-channels opened / closed, by index.
+    sub_opens: Vec<u16>,
+    sub_closes: Vec<u16>,
 }
 
 /// Echoes in-band packets, completes requests, checksums GPA-direct buffers (and stamps
@@ -44,6 +47,7 @@ struct EchoVsp {
     /// The serving thread reads nothing until this is set.
     hold_reads: Option<Arc<AtomicBool>>,
     thread: Option<JoinHandle<()>>,
+    sub_threads: Vec<(u16, JoinHandle<()>)>,
 }
 
 impl EchoVsp {
@@ -59,6 +63,7 @@ impl EchoVsp {
                 gate: None,
                 hold_reads: None,
                 thread: None,
+                sub_threads: Vec::new(),
             }),
             log,
         )
@@ -92,6 +97,16 @@ fn serve(ch: Channel, log: Arc<Mutex<VspLog>>, flood: u32, hold: Option<Arc<Atom
                 Err(e) => return fail(e),
             };
             let r = match &p.kind {
+                // "SUBCH" + count: ask the server for sub-channels; the completion says
+                // whether the request was taken.
+                IncomingKind::InBand if p.payload.starts_with(b"SUBCH") => {
+                    let n = u16::from(p.payload.get(5).copied().unwrap_or(0));
+                    let answer: &[u8] = match ch.offer_sub_channels(n) {
+                        Ok(()) => b"ok",
+                        Err(_) => b"refused",
+                    };
+                    ch.send_completion(p.transaction_id, answer)
+                }
                 IncomingKind::InBand => ch
                     .send_inband(p.transaction_id, &p.payload, false)
                     .and_then(|()| {
@@ -171,10 +186,37 @@ impl Vsp for EchoVsp {
         Ok(())
     }
     fn close(&mut self) {
+        assert!(
+            self.sub_threads.is_empty(),
+            "sub-channels are closed before their primary"
+        );
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
         }
         self.log.lock().unwrap().closes += 1;
+    }
+    fn open_sub_channel(&mut self, index: u16, channel: Channel) -> Result<(), ()> {
+        assert_eq!(channel.sub_channel_index(), index);
+        assert!(
+            self.thread.is_some(),
+            "sub-channels open only while the primary is"
+        );
+        self.log.lock().unwrap().sub_opens.push(index);
+        let log = self.log.clone();
+        self.sub_threads.push((
+            index,
+            std::thread::spawn(move || serve(channel, log, 0, None)),
+        ));
+        Ok(())
+    }
+    fn close_sub_channel(&mut self, index: u16) {
+        let i = self
+            .sub_threads
+            .iter()
+            .position(|(x, _)| *x == index)
+            .expect("closing a sub-channel that is open");
+        self.sub_threads.remove(i).1.join().unwrap();
+        self.log.lock().unwrap().sub_closes.push(index);
     }
 }
 
@@ -1045,4 +1087,387 @@ fn random_garbage_never_hurts_the_server() {
         assert_eq!(ch.recv(hv, &mut b, TIMEOUT_MS).unwrap().transaction_id(), 1);
     }
     assert!(devs[0].1.lock().unwrap().opens <= 1);
+}
+
+// ---- sub-channels ----
+
+/// Ask the VSP behind `ch` for `n` sub-channels; returns its answer ("ok" / "refused").
+fn ask_sub_channels(h: &mut Harness, ch: &mut Ring, n: u8) -> Vec<u8> {
+    let hv = h.client.hv();
+    ch.send(
+        hv,
+        &OutgoingPacket::in_band(77, &[b'S', b'U', b'B', b'C', b'H', n, 0, 0], true),
+        TIMEOUT_MS,
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 256];
+    let p = ch.recv(hv, &mut buf, TIMEOUT_MS).unwrap();
+    assert!(matches!(p.kind(), PacketKind::Completion));
+    assert_eq!(p.transaction_id(), 77);
+    let n = p
+        .payload()
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(p.payload().len());
+    p.payload()[..n].to_vec()
+}
+
+/// Wait until the client holds `n` live sub-channel offers of `primary`; returns them by
+/// index.
+fn sub_offers(h: &mut Harness, primary: &Offer, n: usize) -> Vec<Offer> {
+    let mut subs = Vec::new();
+    wait_until("the sub-channel offers", || {
+        h.client.poll();
+        subs = h
+            .client
+            .offers()
+            .filter(|o| {
+                o.sub_channel_index != 0
+                    && !o.rescinded
+                    && o.class_id == primary.class_id
+                    && o.instance_id == primary.instance_id
+            })
+            .copied()
+            .collect();
+        subs.len() >= n
+    });
+    subs.sort_by_key(|o| o.sub_channel_index);
+    subs
+}
+
+/// Send a GPA-direct packet with a fresh 2-page buffer of `seed`-derived bytes on `ch` and
+/// check the VSP's checksum and stamp.
+fn checksum_roundtrip(h: &mut Harness, ch: &mut Ring, id: u64, seed: u8) {
+    let pfn = h.ram.alloc_pages(2);
+    let data: Vec<u8> = (0..6000u32).map(|i| (i as u8).wrapping_mul(seed)).collect();
+    h.ram.write(pfn * 4096 + 8, &data).unwrap();
+    let pfns = [pfn, pfn + 1];
+    let ranges = [OutgoingGpaRange {
+        byte_count: 6000,
+        byte_offset: 8,
+        pfns: &pfns,
+    }];
+    let hv = h.client.hv();
+    ch.send(
+        hv,
+        &OutgoingPacket {
+            kind: OutgoingKind::GpaDirect(&ranges),
+            flags: vmbus_ring::FLAG_COMPLETION_REQUESTED,
+            transaction_id: id,
+            payload: b"sum",
+        },
+        TIMEOUT_MS,
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 256];
+    let p = ch.recv(hv, &mut buf, TIMEOUT_MS).unwrap();
+    assert_eq!(p.transaction_id(), id);
+    let expect: u64 = data.iter().map(|&b| u64::from(b)).sum();
+    assert_eq!(p.payload()[..8], expect.to_le_bytes());
+    let mut stamp = [0u8; 4];
+    h.ram.read(pfn * 4096 + 8, &mut stamp).unwrap();
+    assert_eq!(&stamp, b"VSP!");
+}
+
+#[test]
+fn sub_channels_are_offered_opened_served_and_closed_with_the_primary() {
+    let (mut h, devs) = connect_with_devices(2);
+    let log = devs[0].1.clone();
+    let primary = *h.client.offer(1).unwrap();
+    // Not open: no sub-channels can be asked for (the VSP has no channel); open it.
+    let (mut ch, _) = h.open(&primary, 4, 4).unwrap();
+    assert_eq!(ask_sub_channels(&mut h, &mut ch, 3), b"ok");
+    let subs = sub_offers(&mut h, &primary, 3);
+    assert_eq!(subs.len(), 3);
+    let mut relids = vec![primary.relid, 2];
+    for (i, o) in subs.iter().enumerate() {
+        assert_eq!(o.sub_channel_index, i as u16 + 1);
+        assert_eq!(o.class_id, primary.class_id);
+        assert_eq!(o.instance_id, primary.instance_id);
+        assert_eq!(o.connection_id, channel_connection_id(o.relid));
+        assert!(o.dedicated_interrupt && !o.monitor_allocated);
+        assert!(!relids.contains(&o.relid), "relids are distinct");
+        relids.push(o.relid);
+    }
+    let st = h.status();
+    for o in &subs {
+        let c = st.channels.iter().find(|c| c.relid == o.relid).unwrap();
+        assert_eq!(c.state, ChannelState::Offered);
+        assert_eq!(c.device, devs[0].0);
+        assert_eq!(c.sub_channel_index, o.sub_channel_index);
+    }
+    // Open them all: each has its own GPADL and rings, and its own VSP thread.
+    let mut rings = Vec::new();
+    for o in &subs {
+        let (r, _) = h.open(o, 2, 3).unwrap();
+        rings.push(r);
+    }
+    assert_eq!(log.lock().unwrap().sub_opens, [1, 2, 3]);
+    // A sub-channel open twice is refused; its first opening keeps working.
+    assert!(matches!(
+        h.open(&subs[0], 2, 2),
+        Err(ClientError::Refused(_))
+    ));
+    assert_eq!(log.lock().unwrap().sub_opens, [1, 2, 3]);
+    // A sub-channel cannot ask for sub-channels.
+    assert_eq!(ask_sub_channels(&mut h, &mut rings[0], 1), b"refused");
+    // Nor can a primary ask for none.
+    assert_eq!(ask_sub_channels(&mut h, &mut ch, 0), b"refused");
+
+    // I/O on every channel at once: queue a packet on each before reading any answer.
+    let hv = h.client.hv();
+    for (i, r) in std::iter::once(&mut ch).chain(rings.iter_mut()).enumerate() {
+        for k in 0..20u64 {
+            let msg = format!("ch{i} msg{k}");
+            r.send(
+                hv,
+                &OutgoingPacket::in_band(k, msg.as_bytes(), false),
+                TIMEOUT_MS,
+            )
+            .unwrap();
+        }
+    }
+    let mut buf = vec![0u8; 512];
+    for (i, r) in std::iter::once(&mut ch).chain(rings.iter_mut()).enumerate() {
+        for k in 0..20u64 {
+            let p = r.recv(hv, &mut buf, TIMEOUT_MS).unwrap();
+            let msg = format!("ch{i} msg{k}");
+            assert_eq!(p.transaction_id(), k);
+            assert_eq!(
+                &p.payload()[..msg.len()],
+                msg.as_bytes(),
+                "answered on its channel"
+            );
+        }
+    }
+    // Guest buffers through the sub-channels.
+    for (i, r) in rings.iter_mut().enumerate() {
+        checksum_roundtrip(&mut h, r, 500 + i as u64, i as u8 + 3);
+    }
+    checksum_roundtrip(&mut h, &mut ch, 600, 11);
+
+    // Closing one sub-channel leaves the others (and the primary) alone; it can reopen.
+    h.client.close_channel(subs[1].relid).unwrap();
+    h.sync();
+    assert_eq!(log.lock().unwrap().sub_closes, [2]);
+    let st = h.status();
+    let state =
+        |st: &ServerStatus, relid| st.channels.iter().find(|c| c.relid == relid).unwrap().state;
+    assert_eq!(state(&st, subs[1].relid), ChannelState::Offered);
+    assert_eq!(state(&st, subs[0].relid), ChannelState::Open);
+    checksum_roundtrip(&mut h, &mut rings[0], 700, 5);
+    let (r, _) = h.open(&subs[1], 2, 2).unwrap();
+    rings[1] = r;
+    checksum_roundtrip(&mut h, &mut rings[1], 701, 6);
+
+    // Closing the primary closes every sub-channel first, then rescinds them.
+    h.client.close_channel(primary.relid).unwrap();
+    h.sync();
+    {
+        let l = log.lock().unwrap();
+        let mut closed = l.sub_closes.clone();
+        closed.sort_unstable();
+        assert_eq!(closed, [1, 2, 2, 3]);
+        assert_eq!(l.closes, 1);
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
+    }
+    wait_until("the sub-channel rescinds", || {
+        h.client.poll();
+        subs.iter()
+            .all(|o| h.client.offer(o.relid).unwrap().rescinded)
+    });
+    assert!(!h.client.offer(primary.relid).unwrap().rescinded);
+    let st = h.status();
+    for o in &subs {
+        assert_eq!(state(&st, o.relid), ChannelState::Rescinded);
+    }
+    assert_eq!(state(&st, primary.relid), ChannelState::Offered);
+    // Opening a rescinded sub-channel is refused; the guest releases the relids.
+    assert!(matches!(
+        h.open(&subs[0], 2, 2),
+        Err(ClientError::Refused(_))
+    ));
+    for o in &subs {
+        h.client.release_relid(o.relid).unwrap();
+    }
+    h.sync();
+    assert_eq!(h.status().channels.len(), 2);
+    // A new opening asks again and gets indices from 1 again, on reused relids.
+    let (mut ch, _) = h.open(&primary, 4, 4).unwrap();
+    assert_eq!(ask_sub_channels(&mut h, &mut ch, 2), b"ok");
+    let again = sub_offers(&mut h, &primary, 2);
+    assert_eq!(
+        again
+            .iter()
+            .map(|o| o.sub_channel_index)
+            .collect::<Vec<_>>(),
+        [1, 2]
+    );
+    assert!(again
+        .iter()
+        .all(|o| subs.iter().any(|s| s.relid == o.relid)));
+    // The other device never saw any of this.
+    assert_eq!(devs[1].1.lock().unwrap().opens, 0);
+}
+
+#[test]
+fn removing_the_device_or_unloading_tears_sub_channels_down() {
+    let (mut h, devs) = connect_with_devices(1);
+    let log = devs[0].1.clone();
+    let primary = *h.client.offer(1).unwrap();
+    let (mut ch, _) = h.open(&primary, 4, 4).unwrap();
+    assert_eq!(ask_sub_channels(&mut h, &mut ch, 2), b"ok");
+    let subs = sub_offers(&mut h, &primary, 2);
+    let (_r1, _) = h.open(&subs[0], 2, 2).unwrap();
+    // Sub-channel 2 stays offered, never opened.
+    // UNLOAD: everything closes, and the sub-channels are forgotten (not offered again).
+    h.client.unload().unwrap();
+    {
+        let l = log.lock().unwrap();
+        assert_eq!((l.sub_closes.as_slice(), l.closes), (&[1u16][..], 1));
+    }
+    let st = h.status();
+    assert_eq!(st.channels.len(), 1);
+    assert_eq!(st.gpadls, 0);
+    h.client.connect().unwrap();
+    assert_eq!(h.client.request_offers().unwrap(), 1);
+
+    // Hot removal with open sub-channels: sub-channels closed and rescinded, then the
+    // primary; every relid stays taken until released.
+    let (mut ch, _) = h.open(&primary, 4, 4).unwrap();
+    assert_eq!(ask_sub_channels(&mut h, &mut ch, 2), b"ok");
+    let subs = sub_offers(&mut h, &primary, 2);
+    let (_r1, _) = h.open(&subs[0], 2, 2).unwrap();
+    let (_r2, _) = h.open(&subs[1], 2, 2).unwrap();
+    h.server.remove_device(devs[0].0).unwrap();
+    {
+        let l = log.lock().unwrap();
+        assert_eq!(l.sub_closes.len(), 3);
+        assert_eq!(l.closes, 2);
+    }
+    wait_until("the rescinds", || {
+        h.client.poll();
+        h.client.offers().all(|o| o.rescinded)
+    });
+    let st = h.status();
+    assert_eq!(st.channels.len(), 3);
+    assert!(st
+        .channels
+        .iter()
+        .all(|c| c.state == ChannelState::Rescinded));
+    // Messages for the rescinded sub-channels are refused or ignored.
+    assert!(matches!(
+        h.open(&subs[1], 2, 2),
+        Err(ClientError::Refused(_))
+    ));
+    h.client.close_channel(subs[0].relid).unwrap();
+    for o in [primary, subs[0], subs[1]] {
+        h.client.release_relid(o.relid).unwrap();
+    }
+    h.sync();
+    let st = h.status();
+    assert!(st.channels.is_empty());
+    assert_eq!(st.gpadls, 0);
+}
+
+#[test]
+fn sub_channel_requests_from_a_closed_opening_are_dropped() {
+    // Driven directly: the request is queued by a channel handle, the primary closes before
+    // the core handles it, and nothing is offered.
+    let ram = FakeGuestRam::new(4 << 20);
+    let synic = FakeSynic::new(1);
+    let mut core = ServerCore::new(ServerConfig::default(), synic.clone(), ram.clone());
+    let grabbed: Arc<Mutex<Option<Channel>>> = Arc::default();
+    struct Grab(Arc<Mutex<Option<Channel>>>);
+    impl Vsp for Grab {
+        fn class_id(&self) -> Guid {
+            Guid::from_fields(1, 2, 3, [4; 8])
+        }
+        fn instance_id(&self) -> Guid {
+            Guid::from_fields(5, 6, 7, [8; 8])
+        }
+        fn open(&mut self, channel: Channel) -> Result<(), ()> {
+            *self.0.lock().unwrap() = Some(channel);
+            Ok(())
+        }
+        fn close(&mut self) {}
+    }
+    core.add_device(Box::new(Grab(grabbed.clone()))).unwrap();
+    let msg = |core: &mut ServerCore, m: MessageBuf| {
+        core.handle_message(0, 4, m.as_bytes());
+        core.flush();
+        while synic.take_message(0, 2).is_some() {
+            core.flush();
+        }
+    };
+    msg(
+        &mut core,
+        MessageBuf::new(&InitiateContact {
+            version_requested: U32::new(VERSION_WIN10_V5_3),
+            target_vcpu: U32::new(0),
+            interrupt_page_or_sint: U64::new(2),
+            monitor_page1: U64::new(0),
+            monitor_page2: U64::new(0),
+        }),
+    );
+    msg(&mut core, MessageBuf::header_only(msgtype::REQUESTOFFERS));
+    let p = ram.alloc_pages(4);
+    let mut range = Vec::new();
+    range.extend_from_slice(&(4u32 * 4096).to_le_bytes());
+    range.extend_from_slice(&0u32.to_le_bytes());
+    for i in 0..4 {
+        range.extend_from_slice(&(p + i).to_le_bytes());
+    }
+    let (m, _) = MessageBuf::gpadl_header(
+        &GpadlHeader {
+            child_relid: U32::new(1),
+            gpadl: U32::new(9),
+            range_buflen: U16::new(range.len() as u16),
+            range_count: U16::new(1),
+        },
+        &range,
+    );
+    msg(&mut core, m);
+    let open = MessageBuf::new(&OpenChannel {
+        child_relid: U32::new(1),
+        open_id: U32::new(1),
+        ring_buffer_gpadl: U32::new(9),
+        target_vp: U32::new(0),
+        downstream_ring_buffer_page_offset: U32::new(2),
+        user_data: [0; 120],
+    });
+    msg(&mut core, open);
+    let ch = grabbed.lock().unwrap().take().expect("opened");
+    assert_eq!(ch.sub_channel_index(), 0);
+    ch.offer_sub_channels(2).unwrap();
+    msg(
+        &mut core,
+        MessageBuf::new(&vmbus_protocol::CloseChannel {
+            child_relid: U32::new(1),
+        }),
+    );
+    assert_eq!(ch.offer_sub_channels(1), Err(ChannelError::Closed));
+    // Reopen; the stale request is handled now and dropped.
+    msg(&mut core, open);
+    let ch2 = grabbed.lock().unwrap().take().expect("reopened");
+    core.handle_sub_channel_requests();
+    assert_eq!(core.status().channels.len(), 1);
+    // The current opening's request is served, capped at MAX_SUB_CHANNELS.
+    ch2.offer_sub_channels(u16::MAX).unwrap();
+    core.handle_sub_channel_requests();
+    let st = core.status();
+    assert_eq!(st.channels.len(), 1 + usize::from(MAX_SUB_CHANNELS));
+    assert_eq!(
+        st.channels.iter().map(|c| c.sub_channel_index).max(),
+        Some(MAX_SUB_CHANNELS)
+    );
+    ch2.offer_sub_channels(1).unwrap();
+    core.handle_sub_channel_requests();
+    assert_eq!(
+        core.status().channels.len(),
+        1 + usize::from(MAX_SUB_CHANNELS)
+    );
+    // Reset forgets them.
+    core.reset();
+    assert_eq!(core.status().channels.len(), 1);
 }

@@ -370,6 +370,9 @@ pub(crate) fn build(
         let mut config =
             storvsp::ControllerConfig::new(storvsp::controller::instance_id(&cfg.id, c));
         config.guest_memory = Some(Arc::new(DirectRam(mem.clone())));
+        // Multi-queue: one sub-channel per VP beyond the first (Linux opens min(its CPUs - 1,
+        // this)), at most 8; a 1-VP VM reports no multi-channel support.
+        config.max_sub_channels = cfg.cpus.saturating_sub(1).min(8) as u16;
         let (vsp, handle) = storvsp::controller::StorageController::new(config);
         for d in disks.iter().filter(|d| d.controller == c) {
             handle

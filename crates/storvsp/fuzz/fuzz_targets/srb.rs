@@ -41,6 +41,7 @@ fuzz_target!(|data: &[u8]| {
     let luns = || vec![0u8, 5];
     let props = Properties {
         max_transfer_bytes: 64 << 10,
+        max_sub_channels: 4,
     };
     let mut session = Session::new();
     let mut scratch = Scratch::default();
@@ -55,7 +56,13 @@ fuzz_target!(|data: &[u8]| {
         }
         let reply = match srb::parse(payload) {
             Err(_) => continue,
-            Ok(Request::Control(p)) => session.control(&p, &props),
+            Ok(Request::Control(p)) => {
+                let r = session.control(&p, &props);
+                if let Some(n) = session.take_sub_channel_request() {
+                    assert!((1..=props.max_sub_channels).contains(&n));
+                }
+                r
+            }
             Ok(Request::Srb(req)) => {
                 let Some(cdb) = req.cdb() else {
                     continue;

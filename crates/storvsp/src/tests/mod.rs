@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use disk::{BlockBackend, CreateParams, VhdxKind};
 use vmbus_server::OutgoingGpaRange;
@@ -86,7 +87,13 @@ fn roundtrip(backend: Arc<dyn BlockBackend>, direct: bool) {
     let (version, props) = g.init().unwrap();
     assert_eq!(version, VERSION_WIN10);
     assert_eq!(props.max_transfer_bytes.get(), 1 << 20);
-    assert_eq!((props.flags.get(), props.max_channel_cnt.get()), (0, 0));
+    assert_eq!(
+        (props.flags.get(), props.max_channel_cnt.get()),
+        (
+            crate::protocol::STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL,
+            crate::DEFAULT_MAX_SUB_CHANNELS
+        )
+    );
     assert!(handle.guest_ready());
 
     let (c, inq) = g.command_in(0, &[0x12, 0, 0, 0, 96, 0], 96).unwrap();
@@ -281,8 +288,9 @@ fn hostile_packets_get_errors_and_the_channel_survives() {
         let c = g.control(o, &[0xff; 52], 20 + i as u64).unwrap();
         assert_eq!(c.packet.status.get(), status::INVALID_PARAMETER);
     }
-    let c = g.control(op::CREATE_SUB_CHANNELS, &[4, 0], 30).unwrap();
-    assert_ne!(c.packet.status.get(), 0);
+    // More sub-channels than QUERY_PROPERTIES allowed.
+    let c = g.control(op::CREATE_SUB_CHANNELS, &[9, 0], 30).unwrap();
+    assert_eq!(c.packet.status.get(), status::INVALID_PARAMETER);
 
     // CDB length 0 and 17: INVALID_REQUEST.
     for (i, n) in [0u8, 17, 255].into_iter().enumerate() {
@@ -687,4 +695,249 @@ fn contiguous_buffers_go_straight_to_the_backend_scattered_ones_bounce() {
             assert_eq!(calls, vec![(false, false, len)]);
         }
     }
+}
+
+// ---- sub-channels (multi-queue) ----
+
+/// A VM with one controller allowing `max_sub_channels`, a 64 MiB raw LUN 0, and the guest
+/// attached to the primary channel.
+fn setup_multi(
+    dir: &Path,
+    max_sub_channels: u16,
+) -> (
+    TestVm,
+    ControllerHandle,
+    vmbus_server::DeviceId,
+    FakeStorvsc,
+) {
+    let vm = TestVm::new(128 * MIB);
+    let mut cfg = ControllerConfig::new(instance_id(b"mq-vm", 0));
+    cfg.guest_memory = Some(vm.ram.clone());
+    cfg.workers = 2;
+    cfg.max_sub_channels = max_sub_channels;
+    let (ctl, handle) = StorageController::new(cfg);
+    handle
+        .add_lun(0, raw_file(dir, "mq.raw", 64 * MIB), LunOptions::default())
+        .unwrap();
+    let id = vm.server.add_device(Box::new(ctl)).unwrap();
+    let guest = FakeStorvsc::open(&vm, handle.instance_id(), 16).unwrap();
+    (vm, handle, id, guest)
+}
+
+/// Writes 8 x 32 KiB (4 in flight at a time) at `base` LBA, reads them back and checks
+/// them; returns the data written.
+fn write_read_verify(g: &mut FakeStorvsc, base: u64, seed: u32) -> Vec<Vec<u8>> {
+    let mut written = Vec::new();
+    for batch in 0..2u64 {
+        let mut ids = Vec::new();
+        for k in 0..4u64 {
+            let i = batch * 4 + k;
+            let data = pattern(seed * 100 + i as u32, 32 << 10);
+            let b = g.alloc_buf(data.len() as u32, 0, i % 2 == 1);
+            g.fill(&b, 0, &data);
+            let id = 1000 + i;
+            g.submit(
+                id,
+                0,
+                &rw16(true, base + i * 64, 64),
+                data_in::WRITE,
+                Some(&b),
+            )
+            .unwrap();
+            ids.push(id);
+            written.push(data);
+        }
+        for id in ids {
+            assert_eq!(g.wait_for(id).unwrap().srb_status(), srb_status::SUCCESS);
+        }
+    }
+    let bufs: Vec<_> = (0..8u64)
+        .map(|i| {
+            let b = g.alloc_buf(32 << 10, 0, i % 3 == 0);
+            g.submit(
+                2000 + i,
+                0,
+                &rw16(false, base + i * 64, 64),
+                data_in::READ,
+                Some(&b),
+            )
+            .unwrap();
+            b
+        })
+        .collect();
+    for (i, b) in bufs.iter().enumerate() {
+        let c = g.wait_for(2000 + i as u64).unwrap();
+        assert_eq!(c.srb_status(), srb_status::SUCCESS);
+        assert!(g.read(b, 0, 32 << 10) == written[i], "read back differs");
+    }
+    written
+}
+
+#[test]
+fn sub_channels_serve_io_concurrently_with_the_right_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, handle, _, mut g) = setup_multi(dir.path(), 3);
+    let (_, props) = g.init().unwrap();
+    assert_eq!(
+        props.flags.get(),
+        crate::protocol::STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL
+    );
+    assert_eq!(props.max_channel_cnt.get(), 3);
+    // Linux's handle_multichannel_storage: CREATE_SUB_CHANNELS, then the offers.
+    let c = g.create_sub_channels(3, u64::MAX - 1).unwrap();
+    assert_eq!(
+        (c.packet.operation.get(), c.packet.status.get()),
+        (op::COMPLETE_IO, 0)
+    );
+    let offers = g.sub_channel_offers(3, Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        offers
+            .iter()
+            .map(|o| o.sub_channel_index)
+            .collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    for o in &offers {
+        assert_eq!(o.class_id, crate::SCSI_CLASS_ID);
+        assert_eq!(o.instance_id, handle.instance_id());
+        assert_ne!(o.relid, g.offer.relid);
+        assert_eq!(
+            o.connection_id,
+            vmbus_server::channel_connection_id(o.relid)
+        );
+    }
+    let mut subs: Vec<FakeStorvsc> = offers
+        .iter()
+        .map(|o| g.open_sub_channel(*o, 16).unwrap())
+        .collect();
+    // Opening a sub-channel's relid a second time is refused.
+    assert!(g.open_sub_channel(offers[0], 4).is_err());
+    assert_eq!(handle.stats().sub_channel_opens, 3);
+    // No initialization on sub-channels (Linux sends none): SRBs work at once.
+    let (c, _) = subs[0].command_in(0, &[0, 0, 0, 0, 0, 0], 0).unwrap();
+    assert_eq!(c.srb_status(), srb_status::SUCCESS);
+    // Sub-channels cannot create sub-channels.
+    let c = subs[0].create_sub_channels(1, 77).unwrap();
+    assert_eq!(c.packet.status.get(), status::INVALID_DEVICE_STATE);
+
+    // I/O on the primary and every sub-channel at once, each guest queue on its own thread;
+    // every completion must come back on the channel its request went out on (a misrouted
+    // one would leave its waiter to time out).
+    let workers: Vec<_> = subs
+        .drain(..)
+        .enumerate()
+        .map(|(i, mut s)| {
+            std::thread::spawn(move || {
+                let data = write_read_verify(&mut s, 10_000 * (i as u64 + 1), i as u32 + 1);
+                (s, data)
+            })
+        })
+        .collect();
+    let primary_data = write_read_verify(&mut g, 0, 99);
+    let mut results: Vec<(FakeStorvsc, Vec<Vec<u8>>)> =
+        workers.into_iter().map(|t| t.join().unwrap()).collect();
+    // The same LUN is behind every channel: the primary reads what sub-channel 2 wrote, and
+    // sub-channel 1 what the primary wrote.
+    let (c, back) = g.command_in(0, &rw16(false, 20_000, 64), 32 << 10).unwrap();
+    assert_eq!(c.srb_status(), srb_status::SUCCESS);
+    assert!(back == results[1].1[0]);
+    let (c, back) = results[0]
+        .0
+        .command_in(0, &rw16(false, 64, 64), 32 << 10)
+        .unwrap();
+    assert_eq!(c.srb_status(), srb_status::SUCCESS);
+    assert!(back == primary_data[1]);
+    let st = handle.stats();
+    assert_eq!(st.bytes_written, 4 * 8 * (32 << 10));
+    assert_eq!(st.errors, 0);
+
+    // Closing the primary closes and rescinds the sub-channels.
+    g.close(None).unwrap();
+    let st = vm.server.status().unwrap();
+    for o in &offers {
+        let c = st.channels.iter().find(|c| c.relid == o.relid).unwrap();
+        assert_eq!(c.state, vmbus_server::ChannelState::Rescinded);
+    }
+    assert!(!handle.guest_ready());
+    // The guest sees every sub-channel rescinded (the primary stays offered).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !g.sub_channel_offers(0, Duration::ZERO).unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "rescinds not seen");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let client = g.client.as_ref().unwrap();
+    assert!(!client.offer(g.offer.relid).unwrap().rescinded);
+    assert!(offers
+        .iter()
+        .all(|o| client.offer(o.relid).unwrap().rescinded));
+    drop(results.drain(..));
+}
+
+#[test]
+fn create_sub_channels_hostile_requests_get_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, handle, id, mut g) = setup_multi(dir.path(), 2);
+    // Before the initialization sequence: refused.
+    let c = g.create_sub_channels(1, 5).unwrap();
+    assert_eq!(c.packet.status.get(), status::INVALID_DEVICE_STATE);
+    g.init().unwrap();
+    // Count 0 or above the maximum: refused; the channel keeps working.
+    for n in [0u16, 3, u16::MAX] {
+        let c = g.create_sub_channels(n, 6).unwrap();
+        assert_eq!(
+            c.packet.status.get(),
+            status::INVALID_PARAMETER,
+            "count {n}"
+        );
+    }
+    assert!(g
+        .sub_channel_offers(1, Duration::from_millis(100))
+        .unwrap()
+        .is_empty());
+    let c = g.create_sub_channels(2, 7).unwrap();
+    assert_eq!(c.packet.status.get(), 0);
+    // Twice: refused, and no more offers come.
+    let c = g.create_sub_channels(1, 8).unwrap();
+    assert_eq!(c.packet.status.get(), status::INVALID_DEVICE_STATE);
+    assert_eq!(
+        g.sub_channel_offers(2, Duration::from_secs(10))
+            .unwrap()
+            .len(),
+        2
+    );
+    let offers = g.sub_channel_offers(3, Duration::from_millis(200)).unwrap();
+    assert_eq!(offers.len(), 2);
+    let mut s1 = g.open_sub_channel(offers[0], 8).unwrap();
+    assert!(g.open_sub_channel(offers[0], 8).is_err());
+    let (c, _) = s1.command_in(0, &rw10(false, 0, 8), 4096).unwrap();
+    assert_eq!(c.srb_status(), srb_status::SUCCESS);
+    let (c, _) = g.command_in(0, &[0, 0, 0, 0, 0, 0], 0).unwrap();
+    assert_eq!(c.srb_status(), srb_status::SUCCESS);
+
+    // A controller configured without sub-channels says so, and refuses them.
+    let mut cfg = ControllerConfig::new(instance_id(b"mq-vm", 1));
+    cfg.max_sub_channels = 0;
+    let (ctl, h2) = StorageController::new(cfg);
+    vm.server.add_device(Box::new(ctl)).unwrap();
+    let _ = vm.server.status();
+    g.client.as_mut().unwrap().poll();
+    let mut g2 = g.open_another(h2.instance_id(), 8).unwrap();
+    let (_, props) = g2.init().unwrap();
+    assert_eq!((props.flags.get(), props.max_channel_cnt.get()), (0, 0));
+    let c = g2.create_sub_channels(1, 9).unwrap();
+    assert_eq!(c.packet.status.get(), status::NOT_SUPPORTED);
+
+    // Hot removal of the first controller: sub-channels rescinded with the primary.
+    vm.server.remove_device(id).unwrap();
+    let st = vm.server.status().unwrap();
+    let rescinded = st
+        .channels
+        .iter()
+        .filter(|c| c.state == vmbus_server::ChannelState::Rescinded)
+        .count();
+    assert_eq!(rescinded, 3);
+    assert!(!handle.guest_ready());
+    // The other controller is untouched.
+    let (c, _) = g2.command_in(0, &[0, 0, 0, 0, 0, 0], 0).unwrap();
+    assert_eq!(c.packet.status.get(), 0);
 }
