@@ -15,13 +15,11 @@ step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-step "tests (unit, integration, test guest, stock Linux boot)"
-cargo test --workspace --release 2>&1
-
-if [ "${VERDIGRIS_LINUX_TESTS:-0}" = 1 ]; then
-    step "stock Linux guest boots (long)"
-    cargo test --release -p verdigris --test linux -- --ignored 2>&1
-fi
+step "tests (unit, integration, test guest)"
+cargo test --workspace --release -- --skip stock_linux 2>&1
 
 step "fuzz smoke: every guest-facing parser, briefly"
 FUZZ_SECONDS="${FUZZ_SECONDS:-10}" bash scripts/fuzz-smoke.sh
+
+step "stock Linux guest under the management service (one long boot shared by every check)"
+cargo test --release -p vmms --test stock_linux 2>&1

@@ -1,0 +1,65 @@
+# The stock-Linux check shared by the host's tests (one boot serves them all; see
+# crates/verdigris/tests/linux.rs). In order:
+#  1. smoke: kernel release and processor count;
+#  2. the VMBus devices the host offers (class GUIDs);
+#  3. storage, when the host attached a 64 MiB read-write disk and a 16 MiB read-only one:
+#     ext4 made on the read-write LUN through hv_storvsc, files written, the page cache
+#     dropped, the files read back; the read-only LUN reads the host's bytes and refuses a write;
+#  4. the clock set back so the host's time sync has something to correct;
+#  5. until the host shuts the guest down: the year and the KVP pool the host writes.
+echo "verdigris-guest: smoke uname=$(uname -r) cpus=$(nproc)"
+scsi=
+for d in /sys/bus/vmbus/devices/*; do
+	[ -e "$d/class_id" ] || continue
+	read -r c <"$d/class_id"
+	echo "verdigris-guest: vmbus device $c"
+	[ "$c" = "{ba6163d9-04a1-4d29-b605-72e2ffb1dc7f}" ] && scsi=1
+done
+
+RW=
+RO=
+if [ -n "$scsi" ]; then
+	. /etc/verdigris.d/disks.sh
+fi
+if [ -n "$RW" ]; then
+	if mkfs.ext4 -q -F "$RW" && mount -t ext4 "$RW" /mnt; then
+		seq 1 20000 >/mnt/numbers
+		dd if=/dev/urandom of=/mnt/random bs=65536 count=16 2>/dev/null
+		mkdir -p /mnt/dir && echo "verdigris marker: written by the guest through hv_storvsc" >/mnt/dir/note
+		for f in numbers random dir/note; do
+			echo "verdigris-guest: md5 $(md5sum </mnt/$f | cut -d' ' -f1) $f"
+		done
+		sync
+		umount /mnt && echo "verdigris-guest: storage written"
+		echo 3 >/proc/sys/vm/drop_caches
+		if mount -t ext4 -o ro "$RW" /mnt; then
+			for f in numbers random dir/note; do
+				echo "verdigris-guest: reread $(md5sum </mnt/$f | cut -d' ' -f1) $f"
+			done
+			umount /mnt && echo "verdigris-guest: storage read back"
+		fi
+	else
+		echo "verdigris-guest: storage FAILED to make or mount ext4"
+	fi
+fi
+if [ -n "$RO" ]; then
+	echo "verdigris-guest: ro md5 $(head -c 1048576 "$RO" | md5sum | cut -d' ' -f1)"
+	if dd if=/dev/zero of="$RO" bs=4096 count=1 conv=fsync 2>/dev/null; then
+		echo "verdigris-guest: ro write ACCEPTED"
+	else
+		echo "verdigris-guest: ro write refused"
+	fi
+fi
+
+date -s "2001-01-01 00:00:00" >/dev/null 2>&1
+echo "verdigris-guest: clock set back to $(date +%Y)"
+echo "verdigris-guest: ready for the host"
+i=0
+while [ $i -lt 1000 ]; do
+	sleep 2
+	echo "verdigris-guest: year $(date +%Y)"
+	if [ -f /var/lib/hyperv/.kvp_pool_0 ]; then
+		echo "verdigris-guest: kvp0 $(tr -s '\000' ' ' </var/lib/hyperv/.kvp_pool_0)"
+	fi
+	i=$((i + 1))
+done
