@@ -16,7 +16,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 step "tests (unit, integration, test guest)"
-cargo test --workspace --release -- --skip stock_linux 2>&1
+cargo test --workspace --release --no-fail-fast -- --skip stock_linux 2>&1
 
 step "fuzz smoke: every guest-facing parser, briefly"
 FUZZ_SECONDS="${FUZZ_SECONDS:-10}" bash scripts/fuzz-smoke.sh

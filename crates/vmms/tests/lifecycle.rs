@@ -571,10 +571,13 @@ fn a_disk_in_use_by_a_running_vm_is_refused_elsewhere() {
     assert_eq!(env.cli(&["add-disk", "b", d, "--read-only"]).code, 0);
     let o = env.cli(&["start-vm", "a"]);
     assert_eq!(o.code, 0, "{o:?}");
-    // The worker got the disks in SCSI order, read-only marked.
+    // The worker got the disks in SCSI order, each at its place, read-only marked.
     let args = std::fs::read_to_string(&args_log).unwrap();
     assert!(
-        args.contains(&format!("--disk {d} --disk {},ro", disk2.display())),
+        args.contains(&format!(
+            "--disk {d},controller=0,lun=0 --disk {},controller=0,lun=1,ro",
+            disk2.display()
+        )),
         "{args}"
     );
     let snap = || {
