@@ -291,7 +291,7 @@ fn stock_linux_under_the_service_uses_vmbus_integration_services_and_a_vhdx_unti
         std::thread::sleep(Duration::from_secs(3));
     }
     con.wait(&env, "the host's KVP item in the guest pool", |c| {
-        c.contains("VerdigrisTest hello-from-host")
+        c.contains("verdigris-guest: kvp0 item VerdigrisTest=hello-from-host")
     });
     // ...and the guest's own items (host name, OS) are visible on the host.
     let v = poll_http(&env, &con, "/v1/vms/linux/kvp?pool=2", |v| {

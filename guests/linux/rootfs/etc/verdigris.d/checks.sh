@@ -13,7 +13,9 @@ for d in /sys/bus/vmbus/devices/*; do
 	[ -e "$d/class_id" ] || continue
 	read -r c <"$d/class_id"
 	echo "verdigris-guest: vmbus device $c"
-	[ "$c" = "{ba6163d9-04a1-4d29-b605-72e2ffb1dc7f}" ] && scsi=1
+	if [ "$c" = "{ba6163d9-04a1-4d29-b605-72e2ffb1dc7f}" ]; then
+		scsi=$d
+	fi
 done
 
 RW=
@@ -51,6 +53,28 @@ if [ -n "$RO" ]; then
 	fi
 fi
 
+# The SCSI controller's VMBus channels: the primary plus the sub-channels storvsc opened.
+if [ -n "$scsi" ]; then
+	set -- "$scsi"/channels/*
+	echo "verdigris-guest: scsi channels $#"
+fi
+
+# Prints pool N's items as hv_kvp_daemon stores them: records of a 512-byte key and a
+# 2048-byte value, each NUL-terminated (the bytes after the NUL are not cleared).
+kvp_pool() {
+	f=/var/lib/hyperv/.kvp_pool_$1
+	[ -f "$f" ] || return 0
+	size=$(wc -c <"$f")
+	n=$((size / 2560))
+	i=0
+	while [ $i -lt $n ]; do
+		k=$(dd if="$f" bs=2560 skip=$i count=1 2>/dev/null | head -c 512 | tr '\000' '\n' | head -n 1)
+		v=$(dd if="$f" bs=2560 skip=$i count=1 2>/dev/null | tail -c 2048 | tr '\000' '\n' | head -n 1)
+		echo "verdigris-guest: kvp$1 item $k=$v"
+		i=$((i + 1))
+	done
+}
+
 date -s "2001-01-01 00:00:00" >/dev/null 2>&1
 echo "verdigris-guest: clock set back to $(date +%Y)"
 echo "verdigris-guest: ready for the host"
@@ -58,8 +82,6 @@ i=0
 while [ $i -lt 1000 ]; do
 	sleep 2
 	echo "verdigris-guest: year $(date +%Y)"
-	if [ -f /var/lib/hyperv/.kvp_pool_0 ]; then
-		echo "verdigris-guest: kvp0 $(tr -s '\000' ' ' </var/lib/hyperv/.kvp_pool_0)"
-	fi
+	kvp_pool 0
 	i=$((i + 1))
 done
