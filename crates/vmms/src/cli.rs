@@ -774,7 +774,7 @@ async fn console_session(
     let _raw = match interactive {
         Some((err, banner)) => {
             let _ = writeln!(err, "{banner}");
-            RawMode::enable()
+            cliutil::RawMode::enable()
         }
         None => None,
     };
@@ -994,43 +994,6 @@ pub fn vm_details(vm: &Vm, live: Option<&Value>) -> String {
         }
     }
     s
-}
-
-/// The terminal in raw mode while a console is attached (restored when dropped).
-/// (The worker crate has the same few lines; this crate does not link the worker.)
-struct RawMode {
-    saved: libc::termios,
-}
-
-impl RawMode {
-    fn enable() -> Option<Self> {
-        // SAFETY: isatty/tcgetattr/tcsetattr on fd 0 with a zeroed, then filled, termios.
-        unsafe {
-            if libc::isatty(0) != 1 {
-                return None;
-            }
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(0, &mut t) != 0 {
-                return None;
-            }
-            let saved = t;
-            libc::cfmakeraw(&mut t);
-            t.c_oflag |= libc::OPOST | libc::ONLCR;
-            if libc::tcsetattr(0, libc::TCSANOW, &t) != 0 {
-                return None;
-            }
-            Some(RawMode { saved })
-        }
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        // SAFETY: restores the attributes read in `enable` on the same fd.
-        unsafe {
-            libc::tcsetattr(0, libc::TCSANOW, &self.saved);
-        }
-    }
 }
 
 #[cfg(test)]

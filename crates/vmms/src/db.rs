@@ -256,30 +256,27 @@ impl Db {
 
     /// A VM by id or (case-insensitive) name.
     pub fn get(&self, key: &str) -> Result<Option<Vm>, DbError> {
-        let c = self.lock();
-        let row = c
-            .query_row(
-                &format!("SELECT {VM_COLUMNS} FROM vms WHERE id = ?1 OR name = ?1 COLLATE NOCASE"),
-                [key],
-                vm_from_row,
-            )
-            .optional()?;
-        match row {
-            Some((mut vm, _)) => {
-                fill(&c, &mut vm)?;
-                Ok(Some(vm))
-            }
-            None => Ok(None),
-        }
+        Ok(self
+            .one("id = ?1 OR name = ?1 COLLATE NOCASE", key)?
+            .map(|(vm, _)| vm))
     }
 
     /// A VM and its recorded worker.
     pub fn get_with_worker(&self, id: &str) -> Result<Option<(Vm, Option<WorkerRecord>)>, DbError> {
+        self.one("id = ?1", id)
+    }
+
+    /// The VM row matching `condition` (on parameter ?1 = `key`), with its disks and worker.
+    fn one(
+        &self,
+        condition: &str,
+        key: &str,
+    ) -> Result<Option<(Vm, Option<WorkerRecord>)>, DbError> {
         let c = self.lock();
         let row = c
             .query_row(
-                &format!("SELECT {VM_COLUMNS} FROM vms WHERE id = ?1"),
-                [id],
+                &format!("SELECT {VM_COLUMNS} FROM vms WHERE {condition}"),
+                [key],
                 vm_from_row,
             )
             .optional()?;

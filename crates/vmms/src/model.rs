@@ -316,45 +316,9 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
-/// Parses `512M`, `2G`, `65536K`, `1048576` (bytes). (The worker has the same syntax; this crate
-/// does not link the worker and its KVM stack for one small function.)
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last() {
-        Some(c) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                'B' => 1,
-                _ => {
-                    return Err(format!(
-                        "invalid size '{s}': unknown unit '{c}' (use K, M, G, T)"
-                    ))
-                }
-            };
-            (&t[..t.len() - 1], m)
-        }
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size '{s}' (expected e.g. 512M or 2G)"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("invalid size '{s}': too large"))
-}
-
-/// Formats a byte count the way the CLI shows memory.
-pub fn format_size(n: u64) -> String {
-    if n >= 1 << 30 && n.is_multiple_of(1 << 30) {
-        format!("{} GiB", n >> 30)
-    } else if n >= 1 << 20 {
-        format!("{} MiB", n >> 20)
-    } else {
-        format!("{n} B")
-    }
-}
+/// Sizes as users type them (`512M`, `2G`) and as the CLI shows them: the same syntax as the
+/// worker's `--memory`.
+pub use cliutil::{format_size, parse_size};
 
 pub fn validate_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
@@ -565,20 +529,6 @@ pub(crate) fn test_vm(name: &str) -> Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
-        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("12X").is_err());
-        assert!(parse_size("M").is_err());
-        assert!(parse_size("").is_err());
-        assert!(parse_size("99999999999T").is_err());
-        assert!(parse_size("é").is_err());
-        assert_eq!(format_size(512 << 20), "512 MiB");
-        assert_eq!(format_size(2 << 30), "2 GiB");
-    }
 
     #[test]
     fn ranges() {

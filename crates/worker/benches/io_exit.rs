@@ -6,21 +6,14 @@
 //! (T(N2) - T(N1)) / (N2 - N1), so boot, probe and teardown cancel out. The bare loop does
 //! nothing with the exit but resume; the worker dispatches it to the UART through its bus.
 //!
-//! Run: `cargo bench -p worker --bench io_exit` (builds nothing itself: build the test guest
-//! first with `cargo build --release` in guests/test-guest).
+//! Run: `cargo bench -p worker --bench io_exit` (builds the test guest first if needed).
 
 use hypervisor::{Hypervisor, Intercept, MapFlags, PartitionConfig};
-use std::path::PathBuf;
 use std::time::Instant;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use worker::{boot, layout};
 
 const MEM: u64 = 64 << 20;
-
-fn guest() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../guests/test-guest/target/x86_64-unknown-linux-gnu/release/test-guest")
-}
 
 fn bare(hv: &Hypervisor, image: &[u8], n: u64) -> f64 {
     let part = hv.create_partition(&PartitionConfig::default()).unwrap();
@@ -67,7 +60,7 @@ fn bare(hv: &Hypervisor, image: &[u8], n: u64) -> f64 {
 fn through_worker(n: u64) -> f64 {
     let t0 = Instant::now();
     let s = worker::run(worker::VmConfig {
-        kernel: guest(),
+        kernel: test_guest_build::test_guest().to_path_buf(),
         initrd: None,
         cmdline: format!("test=ioloop n={n}"),
         memory: MEM,
@@ -95,7 +88,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let image = std::fs::read(guest()).expect("build the test guest first (guests/test-guest)");
+    let image = std::fs::read(test_guest_build::test_guest()).expect("the test guest's ELF");
     let hv = Hypervisor::open().unwrap();
     let (n1, n2) = (10_000u64, 50_000u64);
     let reps = 5;

@@ -40,43 +40,7 @@ impl std::fmt::Debug for SerialTarget {
     }
 }
 
-/// Restores the terminal when dropped.
-pub struct RawMode {
-    saved: libc::termios,
-}
-
-impl RawMode {
-    /// Puts stdin in raw mode if it is a terminal.
-    pub fn enable() -> Option<Self> {
-        // SAFETY: isatty/tcgetattr/tcsetattr on fd 0 with a zeroed, then filled, termios.
-        unsafe {
-            if libc::isatty(0) != 1 {
-                return None;
-            }
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(0, &mut t) != 0 {
-                return None;
-            }
-            let saved = t;
-            libc::cfmakeraw(&mut t);
-            // Keep output post-processing so host log lines stay readable.
-            t.c_oflag |= libc::OPOST | libc::ONLCR;
-            if libc::tcsetattr(0, libc::TCSANOW, &t) != 0 {
-                return None;
-            }
-            Some(Self { saved })
-        }
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        // SAFETY: restoring the attributes read in `enable` on the same fd.
-        unsafe {
-            libc::tcsetattr(0, libc::TCSANOW, &self.saved);
-        }
-    }
-}
+pub use cliutil::RawMode;
 
 /// Output sink writing straight to stdout (unbuffered: every byte the guest writes shows).
 pub struct StdoutSink;

@@ -255,33 +255,8 @@ pub struct RunSummary {
     pub notes: Vec<String>,
 }
 
-/// Parses sizes like `512M`, `2G`, `65536K`, `1048576` (bytes).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                'B' => 1,
-                _ => {
-                    return Err(format!(
-                        "invalid size '{s}': unknown unit '{c}' (use K, M, G)"
-                    ))
-                }
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size '{s}' (expected e.g. 512M or 2G)"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("invalid size '{s}': too large"))
-}
+/// Sizes like `512M`, `2G`, `65536K`, `1048576` (bytes), shared with the service's CLI.
+pub use cliutil::parse_size;
 
 /// Validates the configuration and reads the input files.
 fn load_inputs(cfg: &VmConfig, max_vps: usize) -> Result<(Vec<u8>, Option<Vec<u8>>), WorkerError> {
@@ -686,20 +661,4 @@ fn run_once(
     drop(platform);
     drop(part);
     Ok(reason)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
-        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("12X").is_err());
-        assert!(parse_size("M").is_err());
-        assert!(parse_size("99999999999999T").is_err());
-        assert!(parse_size("").is_err());
-    }
 }

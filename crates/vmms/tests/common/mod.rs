@@ -16,12 +16,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use vmms::cli::{ApiArgs, Cli};
 
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
+pub use test_guest_build::repo_root;
 
 /// The `verdigris` executable workers are started from.
 pub fn verdigris_bin() -> &'static Path {
@@ -54,25 +49,7 @@ pub fn verdigris_bin() -> &'static Path {
     })
 }
 
-/// Builds the no_std test guest once per test process and returns its ELF path.
-pub fn test_guest() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let dir = repo_root().join("guests/test-guest");
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args(["build", "--release", "--quiet"])
-            .current_dir(&dir);
-        // The outer cargo's settings must not leak into the guest build.
-        for (k, _) in std::env::vars() {
-            if k.starts_with("CARGO_") || k == "RUSTFLAGS" || k == "RUSTC_WRAPPER" {
-                cmd.env_remove(k);
-            }
-        }
-        let st = cmd.status().expect("running cargo for the test guest");
-        assert!(st.success(), "building the test guest failed");
-        dir.join("target/x86_64-unknown-linux-gnu/release/test-guest")
-    })
-}
+pub use test_guest_build::test_guest;
 
 /// What a CLI verb did.
 #[derive(Debug)]
