@@ -309,6 +309,30 @@ class ModuleClosureTest(unittest.TestCase):
             vgguest.module_closure(moddir, ["x"])
 
 
+class ModuleSignatureTest(unittest.TestCase):
+    def signed(self, body: bytes, sig: bytes, signer: bytes = b"", key_id: bytes = b"") -> bytes:
+        info = bytes([0, 0, 2, len(signer), len(key_id), 0, 0, 0]) + len(sig).to_bytes(4, "big")
+        return body + signer + key_id + sig + info + vgguest.MODULE_SIG_MAGIC
+
+    def test_signature_is_removed_and_the_module_kept(self):
+        body = fake_module("")
+        self.assertEqual(vgguest.strip_module_signature(self.signed(body, b"\x30" * 700)), body)
+        self.assertEqual(vgguest.strip_module_signature(self.signed(body, b"s" * 9, b"ab", b"cde")), body)
+
+    def test_unsigned_module_is_unchanged(self):
+        body = fake_module("")
+        self.assertEqual(vgguest.strip_module_signature(body), body)
+
+    def test_bad_signature_lengths_are_errors(self):
+        body = fake_module("")
+        bad = self.signed(body, b"x" * 10)
+        bad = bad[: -len(vgguest.MODULE_SIG_MAGIC) - 4] + (10**6).to_bytes(4, "big") + vgguest.MODULE_SIG_MAGIC
+        with self.assertRaisesRegex(GuestError, "malformed module signature"):
+            vgguest.strip_module_signature(bad, "x.ko")
+        with self.assertRaisesRegex(GuestError, "truncated module signature"):
+            vgguest.strip_module_signature(b"\x00" * 4 + vgguest.MODULE_SIG_MAGIC, "x.ko")
+
+
 class ElfDynamicTest(unittest.TestCase):
     def test_fake_dynamic_elf_reads_back(self):
         elf = vgguest.Elf(fake_dyn_elf(["libext2fs.so.2", "libc.so.6"], "/lib64/ld-linux-x86-64.so.2"))
@@ -533,6 +557,9 @@ class RealAssetsTest(unittest.TestCase):
     def test_built_archive_passes(self):
         errors, facts = vgguest.check_archive(self.blob, self.kver, None, self.vmlinux)
         self.assertEqual(errors, [])
+        for e in self.entries:
+            if e.name.endswith(".ko"):
+                self.assertFalse(e.data.endswith(vgguest.MODULE_SIG_MAGIC), f"{e.name} still signed")
         self.assertIn("hv_vmbus", facts["modules"])
         self.assertIn("scsi_transport_fc", facts["modules"])
         self.assertTrue(facts["symbols_checked"])
@@ -563,6 +590,10 @@ class RealAssetsTest(unittest.TestCase):
         errors = self.check(self.without(lambda n: n in ("dev/console", "bin/busybox")))
         self.assertIn("missing /dev/console", errors)
         self.assertTrue(any(e.startswith("dangling symlink /bin/sh") for e in errors), errors)
+
+    def test_missing_test_script_is_caught(self):
+        errors = self.check(self.without(lambda n: n == "etc/verdigris.d/readback.sh"))
+        self.assertIn("missing /etc/verdigris.d/readback.sh", errors)
 
     def test_e2fsprogs_and_its_libraries_are_there(self):
         _, facts = vgguest.check_archive(self.blob, self.kver, None, None)

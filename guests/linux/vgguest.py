@@ -8,8 +8,10 @@ the files a VMM boots:
 * `vmlinux`   - the ELF kernel inside a bzImage, decompressed on the host
                 (`vmlinux` subcommand);
 * `initramfs` - an *uncompressed* newc cpio archive with busybox, /init, the
-                Hyper-V guest modules, the hyperv-daemons and the e2fsprogs
-                tools that make and check ext4 (`build-initramfs` subcommand);
+                Hyper-V guest modules (Debian's, without their appended
+                signatures: see `strip_module_signature`), the hyperv-daemons
+                and the e2fsprogs tools that make and check ext4
+                (`build-initramfs` subcommand);
 * a checker that reads such an archive back and verifies it (`check`
   subcommand, also reachable through `check-initramfs.py`).
 
@@ -591,6 +593,35 @@ def read_module_file(path: str) -> bytes:
     raise GuestError(f"{path}: unknown module file type")
 
 
+MODULE_SIG_MAGIC = b"~Module signature appended~\n"
+
+
+def strip_module_signature(data: bytes, what: str = "module") -> bytes:
+    """The module without the signature `scripts/sign-file` appended (unchanged if unsigned).
+
+    Why: the kernel hashes every signed module it loads (SHA-256 over the whole file) before it
+    checks the signature; on hosts that emulate guest ring 0 that is tens of seconds per module.
+    Debian's kernel does not enforce signatures (no `module.sig_enforce`, no lockdown without
+    Secure Boot), so it loads an unsigned module, noting "module verification failed" and the
+    'E' taint once. The module's code and data are Debian's, byte for byte.
+
+    Layout at the end of a signed module: the signature (PKCS#7, `sig_len` bytes, with
+    `signer_len` + `key_id_len` bytes of legacy fields before it), a 12-byte `struct
+    module_signature` whose last field is `sig_len` (big-endian u32), then the magic string."""
+    if not data.endswith(MODULE_SIG_MAGIC):
+        return data
+    end = len(data) - len(MODULE_SIG_MAGIC)
+    if end < 12:
+        raise GuestError(f"{what}: truncated module signature")
+    info = data[end - 12 : end]
+    signer_len, key_id_len = info[3], info[4]
+    sig_len = int.from_bytes(info[8:12], "big")
+    start = end - 12 - sig_len - signer_len - key_id_len
+    if start < 64 or data[:4] != b"\x7fELF":
+        raise GuestError(f"{what}: malformed module signature (length {sig_len})")
+    return data[:start]
+
+
 def module_index(moddir: str) -> dict[str, str]:
     """name -> path relative to moddir, for every module file under kernel/."""
     index: dict[str, str] = {}
@@ -789,7 +820,7 @@ def stage_rootfs(args, stage: str) -> dict:
     mods = module_closure(src_moddir, args.modules)
     dst_moddir = os.path.join(stage, "lib/modules", kver)
     for rel in sorted(mods.files.values()):
-        data = read_module_file(os.path.join(src_moddir, rel))
+        data = strip_module_signature(read_module_file(os.path.join(src_moddir, rel)), rel)
         rel_ko = rel[: rel.find(".ko")] + ".ko"
         dst = os.path.join(dst_moddir, rel_ko)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -1128,8 +1159,11 @@ def check_archive(
     for applet in key_applets:
         if _resolve_link(entries, applet) != "bin/busybox":
             errors.append(f"/{applet} does not lead to /bin/busybox")
-    for f in ("etc/passwd", "etc/group", "etc/hostname", "etc/verdigris.d/smoke.sh"):
+    for f in ("etc/passwd", "etc/group", "etc/hostname"):
         need(f, "file")
+    # the scripts the host's tests select with verdigris.script=NAME, and what they source
+    for script in ("smoke", "checks", "readback", "devices", "disks"):
+        need(f"etc/verdigris.d/{script}.sh", "file")
     host = entries.get("etc/hostname")
     if host and host.data.strip() != b"verdigris-guest":
         errors.append("/etc/hostname is not 'verdigris-guest'")

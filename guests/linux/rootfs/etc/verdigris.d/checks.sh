@@ -1,5 +1,5 @@
 # The stock-Linux check shared by the host's tests (one boot serves them all; see
-# crates/verdigris/tests/linux.rs). In order:
+# crates/vmms/tests/stock_linux.rs; readback.sh is its second boot). In order:
 #  1. smoke: kernel release and processor count;
 #  2. the VMBus devices the host offers (class GUIDs);
 #  3. storage, when the host attached a 64 MiB read-write disk and a 16 MiB read-only one:
@@ -8,19 +8,11 @@
 #  4. the clock set back so the host's time sync has something to correct;
 #  5. until the host shuts the guest down: the year and the KVP pool the host writes.
 echo "verdigris-guest: smoke uname=$(uname -r) cpus=$(nproc)"
-scsi=
-for d in /sys/bus/vmbus/devices/*; do
-	[ -e "$d/class_id" ] || continue
-	read -r c <"$d/class_id"
-	echo "verdigris-guest: vmbus device $c"
-	if [ "$c" = "{ba6163d9-04a1-4d29-b605-72e2ffb1dc7f}" ]; then
-		scsi=$d
-	fi
-done
+. /etc/verdigris.d/devices.sh
 
 RW=
 RO=
-if [ -n "$scsi" ]; then
+if [ -n "$SCSI" ]; then
 	. /etc/verdigris.d/disks.sh
 fi
 if [ -n "$RW" ]; then
@@ -28,16 +20,12 @@ if [ -n "$RW" ]; then
 		seq 1 20000 >/mnt/numbers
 		dd if=/dev/urandom of=/mnt/random bs=65536 count=16 2>/dev/null
 		mkdir -p /mnt/dir && echo "verdigris marker: written by the guest through hv_storvsc" >/mnt/dir/note
-		for f in numbers random dir/note; do
-			echo "verdigris-guest: md5 $(md5sum </mnt/$f | cut -d' ' -f1) $f"
-		done
+		report_md5 md5
 		sync
 		umount /mnt && echo "verdigris-guest: storage written"
 		echo 3 >/proc/sys/vm/drop_caches
 		if mount -t ext4 -o ro "$RW" /mnt; then
-			for f in numbers random dir/note; do
-				echo "verdigris-guest: reread $(md5sum </mnt/$f | cut -d' ' -f1) $f"
-			done
+			report_md5 reread
 			umount /mnt && echo "verdigris-guest: storage read back"
 		fi
 	else
@@ -54,8 +42,8 @@ if [ -n "$RO" ]; then
 fi
 
 # The SCSI controller's VMBus channels: the primary plus the sub-channels storvsc opened.
-if [ -n "$scsi" ]; then
-	set -- "$scsi"/channels/*
+if [ -n "$SCSI" ]; then
+	set -- "$SCSI"/channels/*
 	echo "verdigris-guest: scsi channels $#"
 fi
 

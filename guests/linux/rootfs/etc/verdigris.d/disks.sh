@@ -17,3 +17,12 @@ while [ $n -lt 60 ]; do
 	n=$((n + 1))
 done
 echo "verdigris-guest: disks rw=${RW:-none} ro=${RO:-none}"
+
+# The files checks.sh writes on the read-write disk, and a line per file with its MD5 sum
+# under /mnt, tagged $1 ("verdigris-guest: TAG SUM FILE"; the host compares them).
+FILES="numbers random dir/note"
+report_md5() {
+	for f in $FILES; do
+		echo "verdigris-guest: $1 $(md5sum </mnt/$f | cut -d' ' -f1) $f"
+	done
+}
