@@ -302,7 +302,7 @@ fn main() {
         .unwrap_or(if smoke { 1 } else { 3 })
         .max(1);
     let dur = Duration::from_secs_f64(secs);
-    // Only the cases whose name contains this (e.g. "raw seq 64K read qd32").
+    // Only this case (e.g. "raw seq 64K read qd32"), or the cases whose name contains it.
     let only = std::env::var("STORVSP_BENCH_ONLY").unwrap_or_default();
     // Which columns to measure (for profiling one alone): "host,backend,storvsp".
     let parts =
@@ -373,8 +373,10 @@ fn main() {
         let name = format!("raw seq 64K read qd{qd} scattered");
         cases.push((name, false, false, Pattern::Seq64k, qd, true));
     }
+    // A whole case name selects that case alone, anything else every case containing it.
+    let exact = cases.iter().any(|c| c.0 == only);
     for (name, vhdx_case, write, pattern, qd, scattered) in cases {
-        if !name.contains(&only) {
+        if (exact && name != only) || !name.contains(&only) {
             continue;
         }
         let dev = if vhdx_case { &vhdx } else { &raw };

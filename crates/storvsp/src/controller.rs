@@ -49,7 +49,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use disk::BlockBackend;
 use vmbus_server::{
@@ -57,6 +57,7 @@ use vmbus_server::{
 };
 
 use crate::buffer::{GpaList, GuestBuffer, GuestMemoryMap, RangeRef};
+use crate::poll::PollWindow;
 use crate::protocol::{srb_status, REQUEST_COMPLETION_FLAG, SCSI_CLASS_ID};
 use crate::scsi::{self, LunError, Scratch, ScsiDisk, Sense};
 use crate::srb::{self, Properties, Request, Session, SrbRequest};
@@ -67,6 +68,10 @@ pub const MAX_LUNS: u8 = 64;
 /// [`ControllerConfig::max_sub_channels`] by default: a small fixed number (the guest
 /// takes min(its CPUs - 1, this)); the worker passes min(VPs - 1, 8) instead.
 pub const DEFAULT_MAX_SUB_CHANNELS: u16 = 8;
+
+/// [`ControllerConfig::poll_max`] by default: QEMU's iothreads poll up to 32 µs; thread
+/// wake-ups cost more under nested virtualization.
+pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(50);
 
 /// How a controller is set up.
 #[derive(Clone)]
@@ -88,12 +93,15 @@ pub struct ControllerConfig {
     /// sub-channel costs one channel thread and `workers` worker threads. The worker sets
     /// min(VPs - 1, 8); Linux itself opens at most its CPUs - 1.
     pub max_sub_channels: u16,
+    /// How long a channel thread may poll its ring before sleeping, at most (adaptive: see
+    /// [`crate::poll`]); `Duration::ZERO` turns polling off.
+    pub poll_max: Duration,
 }
 
 impl ControllerConfig {
     /// Defaults for a controller with this instance id: 4 workers, 256 queued requests,
     /// 1 MiB per request, no direct mapping, up to [`DEFAULT_MAX_SUB_CHANNELS`]
-    /// sub-channels.
+    /// sub-channels, polling for up to [`DEFAULT_POLL_MAX`].
     pub fn new(instance_id: Guid) -> Self {
         Self {
             instance_id,
@@ -102,6 +110,7 @@ impl ControllerConfig {
             max_transfer_bytes: 1 << 20,
             guest_memory: None,
             max_sub_channels: DEFAULT_MAX_SUB_CHANNELS,
+            poll_max: DEFAULT_POLL_MAX,
         }
     }
 }
@@ -115,6 +124,7 @@ impl std::fmt::Debug for ControllerConfig {
             .field("max_transfer_bytes", &self.max_transfer_bytes)
             .field("direct", &self.guest_memory.is_some())
             .field("max_sub_channels", &self.max_sub_channels)
+            .field("poll_max", &self.poll_max)
             .finish()
     }
 }
@@ -662,6 +672,7 @@ fn channel_thread(ctx: Arc<ChannelCtx>) {
         max_sub_channels: ctx.shared.config.max_sub_channels,
     };
     let mut scratch = Scratch::default();
+    let mut poll = PollWindow::new(ctx.shared.config.poll_max);
     // The last SRB read: dispatched when another packet follows, else maybe run inline.
     let mut held: Option<Job> = None;
     let ram = ctx.channel.guest_ram().clone();
@@ -780,6 +791,17 @@ fn channel_thread(ctx: Arc<ChannelCtx>) {
             }
         }
         ctx.shared.flush_rescan();
+        // Poll only while the workers are idle: with requests in flight their completions
+        // make the guest submit anyway, and a spinning thread would take their CPU.
+        let window = if ctx.queue.idle() {
+            poll.window()
+        } else {
+            Duration::ZERO
+        };
+        if poll_ring(&ctx.channel, window) {
+            continue;
+        }
+        let slept = Instant::now();
         let r = if ctx.shared.rescan_pending.load(Ordering::SeqCst) {
             ctx.channel
                 .wait_timeout(Duration::from_millis(20))
@@ -790,7 +812,31 @@ fn channel_thread(ctx: Arc<ChannelCtx>) {
         if r.is_err() {
             return;
         }
+        poll.slept(slept.elapsed());
     }
+}
+
+/// Looks at the ring for up to `window` with the guest's signals masked; whether a packet
+/// came. Afterwards the guest signals again, and the ring is looked at once more (a packet
+/// written while masked came without a signal).
+fn poll_ring(channel: &Channel, window: Duration) -> bool {
+    if !window.is_zero() {
+        channel.set_incoming_interrupt_mask(true);
+        let until = Instant::now() + window;
+        let mut found = false;
+        while Instant::now() < until {
+            if channel.has_incoming() || channel.is_closed() {
+                found = true;
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        channel.set_incoming_interrupt_mask(false);
+        if found {
+            return true;
+        }
+    }
+    channel.has_incoming()
 }
 
 fn run_job(ctx: &ChannelCtx, job: &Job, scratch: &mut Scratch) {

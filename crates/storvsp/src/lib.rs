@@ -18,6 +18,7 @@
 //! | the CDB parser | `src/scsi/cdb.rs` |
 //! | GPA-direct buffers, zero-copy transfers | `src/buffer.rs` |
 //! | channel thread, worker pool, sub-channels, hot add/remove, ENUMERATE_BUS | `src/controller.rs` |
+//! | how long a channel thread polls its ring before sleeping | `src/poll.rs` |
 //! | fake guest (storvsc on `vmbus_client`) for tests and the benchmark | `src/test_support.rs` |
 //!
 //! **What it talks to.**
@@ -54,9 +55,12 @@
 //! **Performance** (`benches/datapath.rs`, in-process fake guest, page cache hot): per
 //! request the pipeline adds the ring round trip and up to three thread wake-ups (guest →
 //! channel thread → worker → guest); at queue depth 1 the channel thread runs the request
-//! itself, saving one. 64 KiB sequential transfers reach roughly 0.75–0.9x of the host's own
-//! `pread`/`pwrite` at queue depth 32 and 0.5–0.7x at depth 1 on the (2-core, shared,
-//! noisy) development machine; 4 KiB random I/O is dominated by the per-request cost.
+//! itself, saving one, and while its workers are idle it polls the ring for a while with the
+//! guest's signals masked before sleeping (adaptive, `src/poll.rs`), saving another when the
+//! guest submits again quickly. On the idle 2-core development machine 64 KiB sequential
+//! transfers reach about 0.5x of the host's own `pread` and 0.65–0.8x of its `pwrite` (see
+//! `docs/PERFORMANCE.md`; the fake guest shares the two cores); 4 KiB random I/O is dominated
+//! by the per-request cost.
 //!
 //! Why hand-written: there is no published Rust storage VSP for our VMBus server (OpenVMM's
 //! is tied to its own runtime and memory model). Facts come from Linux's
@@ -86,6 +90,7 @@
 
 pub mod buffer;
 pub mod controller;
+pub mod poll;
 pub mod protocol;
 pub mod scsi;
 pub mod srb;

@@ -532,6 +532,24 @@ impl Channel {
         }
     }
 
+    /// Whether a packet waits in the guest → host ring, without reading it (also `true` when
+    /// the ring is unreadable, so that the caller's next receive reports why).
+    pub fn has_incoming(&self) -> bool {
+        match lock(&self.shared.inbound).as_ref() {
+            Some(inb) => !matches!(inb.reader.peek(), Err(ReadError::Empty)),
+            None => false,
+        }
+    }
+
+    /// Ask the guest not to signal new packets (`true`) while this side polls the ring itself,
+    /// or to signal them again (`false`). After clearing it, look at the ring once more before
+    /// waiting: a packet written while the mask was set came without a signal.
+    pub fn set_incoming_interrupt_mask(&self, masked: bool) {
+        if let Some(inb) = lock(&self.shared.inbound).as_mut() {
+            inb.reader.set_interrupt_mask(masked);
+        }
+    }
+
     /// Receive the next packet and hand it to `f` without copying it again (the packet is
     /// parsed from a private copy of the ring bytes). `Ok(None)` when the ring is empty.
     pub fn try_recv_with<R>(

@@ -691,6 +691,85 @@ fn full_guest_ring_is_signalled_when_the_host_reads() {
     assert!(h.status().channels[0].host_signals > 0);
 }
 
+/// A VSP that only keeps its channel, for tests that drive the channel API themselves.
+struct ParkVsp {
+    slot: Arc<Mutex<Option<Channel>>>,
+}
+
+impl Vsp for ParkVsp {
+    fn class_id(&self) -> Guid {
+        Guid::from_str_const("ba6163d9-04a1-4d29-b605-72e2ffb1dc7f")
+    }
+    fn instance_id(&self) -> Guid {
+        Guid::from_fields(0x5eed, 1, 2, [3; 8])
+    }
+    fn open(&mut self, channel: Channel) -> Result<(), ()> {
+        *self.slot.lock().unwrap() = Some(channel);
+        Ok(())
+    }
+    fn close(&mut self) {
+        self.slot.lock().unwrap().take();
+    }
+}
+
+#[test]
+fn a_polling_host_masks_the_guests_signals_and_sees_packets_without_them() {
+    let mut h = harness(1);
+    let slot = Arc::new(Mutex::new(None));
+    h.server
+        .add_device(Box::new(ParkVsp { slot: slot.clone() }))
+        .unwrap();
+    h.client.connect().unwrap();
+    h.client.request_offers().unwrap();
+    let offer = *h.client.offer(1).unwrap();
+    let (mut ch, _) = h.open(&offer, 2, 2).unwrap();
+    let host = slot
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the VSP got its channel");
+    let hv = h.client.hv();
+    let mut send = |id: u64| {
+        ch.send(
+            hv,
+            &OutgoingPacket {
+                kind: OutgoingKind::InBand,
+                flags: 0,
+                transaction_id: id,
+                payload: &[0x5a; 16],
+            },
+            TIMEOUT_MS,
+        )
+        .unwrap();
+    };
+    // Drain whatever signals the open produced.
+    while host.wait_timeout(Duration::from_millis(20)).unwrap() {}
+    assert!(!host.has_incoming());
+
+    // Masked: the guest writes without signalling; the host finds the packet by looking.
+    host.set_incoming_interrupt_mask(true);
+    send(1);
+    assert!(
+        host.has_incoming(),
+        "the packet is visible without a signal"
+    );
+    assert!(
+        !host.wait_timeout(Duration::from_millis(50)).unwrap(),
+        "the guest signalled although the host masked its interrupts"
+    );
+    assert_eq!(host.try_recv().unwrap().unwrap().transaction_id, 1);
+    assert!(!host.has_incoming());
+
+    // Unmasked again: the next packet into the empty ring is signalled.
+    host.set_incoming_interrupt_mask(false);
+    send(2);
+    assert!(
+        host.wait_timeout(Duration::from_secs(5)).unwrap(),
+        "no signal"
+    );
+    assert_eq!(host.try_recv().unwrap().unwrap().transaction_id, 2);
+}
+
 #[test]
 fn hostile_messages_are_refused_without_harm() {
     let (mut h, devs) = connect_with_devices(1);
