@@ -120,8 +120,11 @@ impl Console {
             }
             let state = env.state_of("linux");
             // The guest may have printed the line and powered off since the read above.
-            if state != "Running" && pred(&self.get()) {
-                return self.get();
+            if state != "Running" {
+                let c = self.get();
+                if pred(&c) {
+                    return c;
+                }
             }
             assert!(
                 state == "Running",
