@@ -33,12 +33,22 @@
 //! - Resize grows any non-differencing disk; it shrinks only when everything cut off reads as
 //!   zeros, so it never drops data.
 //! - Differencing disks take their parent's size and cannot be resized.
+//! - [`DiskOptions::unbuffered`] opens the image a second time with `O_DIRECT` for aligned
+//!   data I/O, as Hyper-V opens virtual disks; metadata and unaligned I/O stay buffered,
+//!   and Linux keeps the two coherent ([`storage`] has the details).
+//! - Scatter/gather: [`BlockBackend::read_vectored_at`]/[`write_vectored_at`] move one
+//!   request spread over many buffers (a guest's pages) with one `preadv`/`pwritev` per
+//!   contiguous stretch of the file: the whole request on a raw disk, each allocated block's
+//!   part of it on a VHDX.
+//!
+//! [`write_vectored_at`]: BlockBackend::write_vectored_at
 
 pub mod error;
 pub mod guid;
 pub mod ops;
 pub mod raw;
 pub mod storage;
+pub mod vectored;
 pub mod vhdx;
 
 use std::path::Path;
@@ -60,6 +70,27 @@ pub trait BlockBackend: Send + Sync {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     /// Writes `buf` at `offset`. Durable once a later [`flush`](Self::flush) returns.
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()>;
+    /// Reads into `bufs` back to back from `offset`: one request scattered over several
+    /// buffers (a guest's pages). Each buffer's length must be a multiple of the logical
+    /// sector. The default reads them one by one; the file-backed disks move each
+    /// contiguous stretch of the image with one `preadv`.
+    fn read_vectored_at(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        let mut off = offset;
+        for b in bufs.iter_mut() {
+            self.read_at(off, b)?;
+            off += b.len() as u64;
+        }
+        Ok(())
+    }
+    /// Writes `bufs` back to back from `offset` (see [`read_vectored_at`](Self::read_vectored_at)).
+    fn write_vectored_at(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        let mut off = offset;
+        for b in bufs {
+            self.write_at(off, b)?;
+            off += b.len() as u64;
+        }
+        Ok(())
+    }
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
     /// Tells the disk the range is unused (TRIM / UNMAP). A hint; see the crate docs for what
@@ -76,6 +107,11 @@ pub trait BlockBackend: Send + Sync {
     /// A stable 16-byte identity for SCSI page 83 / serial numbers: the VHDX virtual disk ID,
     /// or for raw files one derived from the file's device and inode numbers.
     fn disk_id(&self) -> [u8; 16];
+    /// Whether aligned data I/O bypasses the host's page cache ([`DiskOptions::unbuffered`]
+    /// asked for it and the host file system allows it).
+    fn unbuffered(&self) -> bool {
+        false
+    }
 }
 
 impl<T: BlockBackend + ?Sized> BlockBackend for Arc<T> {
@@ -84,6 +120,12 @@ impl<T: BlockBackend + ?Sized> BlockBackend for Arc<T> {
     }
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         (**self).write_at(offset, buf)
+    }
+    fn read_vectored_at(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        (**self).read_vectored_at(offset, bufs)
+    }
+    fn write_vectored_at(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        (**self).write_vectored_at(offset, bufs)
     }
     fn flush(&self) -> Result<()> {
         (**self).flush()
@@ -105,6 +147,9 @@ impl<T: BlockBackend + ?Sized> BlockBackend for Arc<T> {
     }
     fn disk_id(&self) -> [u8; 16] {
         (**self).disk_id()
+    }
+    fn unbuffered(&self) -> bool {
+        (**self).unbuffered()
     }
 }
 
@@ -171,10 +216,30 @@ pub fn detect_format(path: &Path) -> Result<DiskFormat> {
     Ok(DiskFormat::Raw)
 }
 
+/// How a VM's disk is opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskOptions {
+    /// Open without write access.
+    pub read_only: bool,
+    /// Bypass the host's page cache for aligned data I/O (`O_DIRECT`), as Hyper-V opens
+    /// virtual disks: the data moves between the device and the caller's buffer with no copy
+    /// in between. Metadata (a VHDX's headers, log, BAT) stays buffered. Where the host file
+    /// system cannot do direct I/O the disk stays buffered; [`BlockBackend::unbuffered`]
+    /// says which it got. See [`storage`].
+    pub unbuffered: bool,
+}
+
 /// Opens a disk image or host block device, detecting the format with [`detect_format`].
 /// Differencing VHDX chains are resolved through their parent locators.
 pub fn open_disk(path: &Path, read_only: bool) -> Result<Box<dyn BlockBackend>> {
-    open_disk_as(path, detect_format(path)?, read_only)
+    open_disk_with(
+        path,
+        None,
+        DiskOptions {
+            read_only,
+            ..Default::default()
+        },
+    )
 }
 
 /// Opens a disk in a known format.
@@ -183,12 +248,33 @@ pub fn open_disk_as(
     format: DiskFormat,
     read_only: bool,
 ) -> Result<Box<dyn BlockBackend>> {
+    open_disk_with(
+        path,
+        Some(format),
+        DiskOptions {
+            read_only,
+            ..Default::default()
+        },
+    )
+}
+
+/// Opens a disk with options, in `format` or the one [`detect_format`] finds.
+pub fn open_disk_with(
+    path: &Path,
+    format: Option<DiskFormat>,
+    opts: DiskOptions,
+) -> Result<Box<dyn BlockBackend>> {
+    let format = match format {
+        Some(f) => f,
+        None => detect_format(path)?,
+    };
     Ok(match format {
-        DiskFormat::Raw => Box::new(RawDisk::open(path, read_only)?),
+        DiskFormat::Raw => Box::new(RawDisk::open_with(path, opts)?),
         DiskFormat::Vhdx => Box::new(Vhdx::open(
             path,
             OpenOptions {
-                read_only,
+                read_only: opts.read_only,
+                unbuffered: opts.unbuffered,
                 ..Default::default()
             },
         )?),

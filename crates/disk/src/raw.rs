@@ -43,6 +43,18 @@ fn id_from(dev: u64, ino: u64) -> [u8; 16] {
 impl RawDisk {
     /// Opens a raw image file or a host block device.
     pub fn open(path: &Path, read_only: bool) -> Result<RawDisk> {
+        Self::open_with(
+            path,
+            crate::DiskOptions {
+                read_only,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Opens a raw image file or a host block device with options.
+    pub fn open_with(path: &Path, opts: crate::DiskOptions) -> Result<RawDisk> {
+        let read_only = opts.read_only;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -51,7 +63,12 @@ impl RawDisk {
         let md = file
             .metadata()
             .ctx(|| format!("inspecting {}", path.display()))?;
-        let st = FileStorage::new(file).ctx(|| format!("inspecting {}", path.display()))?;
+        let mut st = FileStorage::new(file).ctx(|| format!("inspecting {}", path.display()))?;
+        if opts.unbuffered {
+            st = st
+                .unbuffered()
+                .ctx(|| format!("opening {} for direct I/O", path.display()))?;
+        }
         let (logical, physical) = st
             .device_sector_sizes()
             .ctx(|| format!("querying sector sizes of {}", path.display()))?
@@ -148,6 +165,33 @@ impl BlockBackend for RawDisk {
             .ctx(|| format!("writing {} at {offset}", self.what()))
     }
 
+    fn read_vectored_at(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        let len = crate::vectored::total(bufs) as u64;
+        self.check(offset, len)?;
+        if offset + len > self.data_len {
+            // The tail past the file's data reads as zeros: piece by piece.
+            let mut off = offset;
+            for b in bufs.iter_mut() {
+                self.read_at(off, b)?;
+                off += b.len() as u64;
+            }
+            return Ok(());
+        }
+        self.st
+            .read_vectored_at(offset, bufs)
+            .ctx(|| format!("reading {} at {offset}", self.what()))
+    }
+
+    fn write_vectored_at(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.check(offset, crate::vectored::total(bufs) as u64)?;
+        self.st
+            .write_vectored_at(offset, bufs)
+            .ctx(|| format!("writing {} at {offset}", self.what()))
+    }
+
     fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
@@ -186,5 +230,9 @@ impl BlockBackend for RawDisk {
 
     fn disk_id(&self) -> [u8; 16] {
         self.id
+    }
+
+    fn unbuffered(&self) -> bool {
+        self.st.unbuffered()
     }
 }

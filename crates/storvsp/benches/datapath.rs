@@ -16,7 +16,12 @@
 //!   thread keeping QD requests in flight through the VMBus ring, the controller serving
 //!   them with its worker pool, guest buffers contiguous in (mmap-backed) guest RAM and the
 //!   direct mapping enabled (zero-copy). The "scattered" rows use buffers of scattered
-//!   4 KiB pages (a guest's page cache), which take the bounce path.
+//!   4 KiB pages (a guest's page cache), which the backend gets as one vectored call.
+//!
+//! - "unbuffered" rows: the same with the host's page cache bypassed on both sides: the host
+//!   column reads and writes the raw file opened `O_DIRECT`, the backend and storvsp columns
+//!   use disks opened with `DiskOptions::unbuffered` (as Hyper-V opens virtual disks), so
+//!   the data moves between the device and guest RAM with no copy.
 //!
 //! Sequential: 64 KiB requests walking the 256 MiB region; random: 4 KiB requests at random
 //! 4 KiB-aligned offsets in it.
@@ -127,10 +132,13 @@ fn threads(qd: usize, pattern: Pattern, dur: Duration, io: Arc<IoFn>) -> Result 
             let (offsets, stop, ops, io) = (offsets.clone(), stop.clone(), ops.clone(), io.clone());
             std::thread::spawn(move || {
                 let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ ((t as u64 + 1) * 0x1234_5677);
-                let mut buf = vec![0x5au8; pattern.size()];
+                // Page-aligned, as direct I/O needs.
+                let mut mem = vec![0x5au8; pattern.size() + 4096];
+                let at = mem.as_ptr().align_offset(4096);
+                let buf = &mut mem[at..at + pattern.size()];
                 let mut n = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    io(offsets.get(&mut rng), &mut buf);
+                    io(offsets.get(&mut rng), buf);
                     n += 1;
                 }
                 ops.fetch_add(n, Ordering::Relaxed);
@@ -256,14 +264,10 @@ fn prefill(write: impl Fn(u64, &[u8])) {
     }
 }
 
-/// Two controllers (raw, VHDX), both opened over one VMBus connection.
-fn attach(
-    vm: &TestVm,
-    raw: Arc<dyn BlockBackend>,
-    vhdx: Arc<dyn BlockBackend>,
-) -> (FakeStorvsc, FakeStorvsc) {
+/// One controller per backend, all opened over one VMBus connection.
+fn attach(vm: &TestVm, disks: &[Arc<dyn BlockBackend>]) -> Vec<FakeStorvsc> {
     let mut ids = Vec::new();
-    for (i, d) in [raw, vhdx].into_iter().enumerate() {
+    for (i, d) in disks.iter().enumerate() {
         let mut cfg = ControllerConfig::new(instance_id(b"bench", i as u32));
         cfg.guest_memory = Some(vm.ram.clone());
         if let Some(w) = std::env::var("STORVSP_BENCH_WORKERS")
@@ -273,15 +277,20 @@ fn attach(
             cfg.workers = w;
         }
         let (ctl, h) = StorageController::new(cfg);
-        h.add_lun(0, d, LunOptions::default()).unwrap();
+        h.add_lun(0, d.clone(), LunOptions::default()).unwrap();
         vm.server.add_device(Box::new(ctl)).unwrap();
         ids.push(h.instance_id());
     }
-    let mut a = FakeStorvsc::open(vm, ids[0], 64).unwrap();
-    let mut b = a.open_another(ids[1], 64).unwrap();
-    a.init().unwrap();
-    b.init().unwrap();
-    (a, b)
+    let mut first = FakeStorvsc::open(vm, ids[0], 64).unwrap();
+    let mut guests: Vec<FakeStorvsc> = ids[1..]
+        .iter()
+        .map(|id| first.open_another(*id, 64).unwrap())
+        .collect();
+    guests.insert(0, first);
+    for g in &mut guests {
+        g.init().unwrap();
+    }
+    guests
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -308,44 +317,87 @@ fn main() {
     let parts =
         std::env::var("STORVSP_BENCH_PARTS").unwrap_or_else(|_| "host,backend,storvsp".into());
     let dir = tempfile::tempdir().unwrap();
-    let raw_path = dir.path().join("bench.raw");
-    let vhdx_path = dir.path().join("bench.vhdx");
-    {
-        let f = File::create(&raw_path).unwrap();
-        f.set_len(GIB).unwrap();
-        prefill(|off, b| f.write_all_at(b, off).unwrap());
+    // Buffered and unbuffered cases use their own files (two VHDX instances must never
+    // have one file open for writing).
+    let paths: Vec<_> = ["bench.raw", "bench.vhdx", "bench-u.raw", "bench-u.vhdx"]
+        .iter()
+        .map(|n| dir.path().join(n))
+        .collect();
+    for (i, p) in paths.iter().enumerate() {
+        if i % 2 == 0 {
+            let f = File::create(p).unwrap();
+            f.set_len(GIB).unwrap();
+            prefill(|off, b| f.write_all_at(b, off).unwrap());
+        } else {
+            let params = CreateParams {
+                virtual_size: GIB,
+                kind: VhdxKind::Dynamic,
+                ..Default::default()
+            };
+            disk::ops::new_vhd(p, &params, None).unwrap();
+        }
     }
-    disk::ops::new_vhd(
-        &vhdx_path,
-        &CreateParams {
-            virtual_size: GIB,
-            kind: VhdxKind::Dynamic,
-            ..Default::default()
-        },
-        None,
-    )
-    .unwrap();
-    let raw_file = Arc::new(
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&raw_path)
-            .unwrap(),
+    let open_raw = |path: &std::path::Path, direct: bool| {
+        use std::os::unix::fs::OpenOptionsExt;
+        Arc::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+                .open(path)
+                .unwrap(),
+        )
+    };
+    let host_files = [open_raw(&paths[0], false), open_raw(&paths[2], true)];
+    let open = |p: &std::path::Path, unbuffered: bool| -> Arc<dyn BlockBackend> {
+        let opts = disk::DiskOptions {
+            read_only: false,
+            unbuffered,
+        };
+        Arc::from(disk::open_disk_with(p, None, opts).unwrap())
+    };
+    // raw, VHDX, then the same two unbuffered.
+    let disks: Vec<_> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| open(p, i >= 2))
+        .collect();
+    assert!(
+        disks[2].unbuffered() && disks[3].unbuffered(),
+        "{} cannot do direct I/O",
+        dir.path().display()
     );
-    let raw: Arc<dyn BlockBackend> = Arc::from(disk::open_disk(&raw_path, false).unwrap());
-    let vhdx: Arc<dyn BlockBackend> = Arc::from(disk::open_disk(&vhdx_path, false).unwrap());
-    prefill(|off, b| vhdx.write_at(off, b).unwrap());
-    vhdx.flush().unwrap();
+    for d in [&disks[1], &disks[3]] {
+        prefill(|off, b| d.write_at(off, b).unwrap());
+        d.flush().unwrap();
+    }
 
     let vm = TestVm::new(256 << 20);
-    let (mut g_raw, mut g_vhdx) = attach(&vm, raw.clone(), vhdx.clone());
+    // The fake guest's VP waits for completions as a KVM vCPU does: halt polling up to the
+    // host's `halt_poll_ns` (KVM's default 200 µs if it cannot be read).
+    let halt_poll_us: u64 = std::env::var("STORVSP_BENCH_HALT_POLL_US")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .or_else(|| {
+            std::fs::read_to_string("/sys/module/kvm/parameters/halt_poll_ns")
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .map(|ns| ns / 1000)
+        })
+        .unwrap_or(200);
+    vm.synic
+        .set_halt_polling(Duration::from_micros(halt_poll_us));
+    let mut guests = attach(&vm, &disks);
 
     println!(
-        "storvsp data path: {rounds} round(s) of {secs} s per column and case (medians), page cache hot, no fsync"
+        "storvsp data path: {rounds} round(s) of {secs} s per column and case (medians), no fsync; page cache hot except in unbuffered rows"
     );
-    println!("files in {}", dir.path().display());
     println!(
-        "{:<34} {:>19} {:>19} {:>19} {:>7} {:>18}",
+        "files in {}; the guest's VP halt-polls up to {halt_poll_us} µs",
+        dir.path().display()
+    );
+    println!(
+        "{:<45} {:>19} {:>19} {:>19} {:>7} {:>18}",
         "case",
         "host MB/s (IOPS)",
         "backend MB/s (IOPS)",
@@ -353,41 +405,49 @@ fn main() {
         "ratio",
         "CPU µs/op host/sv"
     );
-    let mut cases: Vec<(String, bool, bool, Pattern, usize, bool)> = Vec::new();
-    for vhdx_case in [false, true] {
+    // (name, disk index, write, pattern, queue depth, scattered guest buffers)
+    let mut cases: Vec<(String, usize, bool, Pattern, usize, bool)> = Vec::new();
+    for disk in 0..disks.len() {
         for pattern in [Pattern::Seq64k, Pattern::Rand4k] {
             for write in [false, true] {
                 for qd in [1usize, 32] {
                     let name = format!(
-                        "{} {} {} qd{qd}",
-                        if vhdx_case { "vhdx dynamic" } else { "raw" },
+                        "{}{} {} {} qd{qd}",
+                        if disk % 2 == 1 { "vhdx dynamic" } else { "raw" },
+                        if disk >= 2 { " unbuffered" } else { "" },
                         pattern.name(),
                         if write { "write" } else { "read" }
                     );
-                    cases.push((name, vhdx_case, write, pattern, qd, false));
+                    cases.push((name, disk, write, pattern, qd, false));
                 }
             }
         }
     }
-    for qd in [1usize, 32] {
-        let name = format!("raw seq 64K read qd{qd} scattered");
-        cases.push((name, false, false, Pattern::Seq64k, qd, true));
+    for (disk, what) in [(0, "raw"), (2, "raw unbuffered")] {
+        for write in [false, true] {
+            for qd in [1usize, 32] {
+                let rw = if write { "write" } else { "read" };
+                let name = format!("{what} seq 64K {rw} qd{qd} scattered");
+                cases.push((name, disk, write, Pattern::Seq64k, qd, true));
+            }
+        }
     }
     // A whole case name selects that case alone, anything else every case containing it.
     let exact = cases.iter().any(|c| c.0 == only);
-    for (name, vhdx_case, write, pattern, qd, scattered) in cases {
+    for (name, disk, write, pattern, qd, scattered) in cases {
         if (exact && name != only) || !name.contains(&only) {
             continue;
         }
-        let dev = if vhdx_case { &vhdx } else { &raw };
-        let g = if vhdx_case { &mut g_vhdx } else { &mut g_raw };
+        let dev = &disks[disk];
+        let g = &mut guests[disk];
+        let raw_file = &host_files[disk / 2];
         let (mut h, mut b, mut s, mut ratio) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             // Each round measures the three columns back to back, so that their ratio is
             // taken under the same machine load.
             let hr = parts
                 .contains("host")
-                .then(|| host(&raw_file, write, qd, pattern, dur));
+                .then(|| host(raw_file, write, qd, pattern, dur));
             let br = parts
                 .contains("backend")
                 .then(|| backend(dev, write, qd, pattern, dur));
@@ -418,7 +478,7 @@ fn main() {
             }
         };
         println!(
-            "{:<34} {:>19} {:>19} {:>19} {:>7} {:>8.1}/{:<8.1}",
+            "{:<45} {:>19} {:>19} {:>19} {:>7} {:>8.1}/{:<8.1}",
             name,
             col(&h),
             col(&b),
@@ -433,7 +493,7 @@ fn main() {
         );
     }
     println!(
-        "host: pread/pwrite on the raw file; backend: the disk backend called directly; ratio: median over rounds of storvsp/host"
+        "host: pread/pwrite on the raw file (O_DIRECT in unbuffered rows); backend: the disk backend called directly; ratio: median over rounds of storvsp/host"
     );
     println!(
         "CPU µs/op: process CPU time (all threads: for storvsp the fake guest, the channel thread and the workers) per I/O"

@@ -7,13 +7,15 @@
 //! RAM and that they cover `data_transfer_length`, and keeps nothing else.
 //!
 //! **Data path.** With a [`GuestMemoryMap`] (the worker's mapping of guest RAM),
-//! [`GuestBuffer::read_disk`] / [`GuestBuffer::write_disk`] hand the backend slices of guest
-//! memory itself, one backend call per segment: no copy at all beyond the backend's own
-//! (`pread` into guest RAM). They do so when every segment starts on a logical-sector
-//! boundary of the transfer and the segments are few or large ([`direct_worthwhile`]);
-//! otherwise (a page-cache buffer of scattered 4 KiB pages, say) one backend call into a
-//! bounded bounce chunk plus a copy per page is cheaper than a system call per page, and
-//! that is what the SCSI target's default does. Without a map everything bounces through
+//! [`GuestBuffer::read_disk`] / [`GuestBuffer::write_disk`] hand the backend guest memory
+//! itself: one slice for a contiguous buffer, or the list of segments for a scattered one
+//! (a guest's page-cache pages), which a file-backed disk moves with one `preadv`/`pwritev`:
+//! no copy at all beyond the backend's own (none for an unbuffered disk, whose device
+//! reads and writes guest RAM directly). They do so when every segment starts on a
+//! logical-sector boundary of the transfer and, for reads, no two segments overlap in
+//! guest memory (a guest may list a page twice; two live `&mut` slices of one page are not
+//! allowed, so such a read bounces). Otherwise the SCSI target's default bounces the data
+//! through a bounded chunk. Without a map everything bounces through
 //! `vmbus_server::GuestRam` copies.
 //!
 //! **Never.** Touches memory that is not guest RAM (every segment is checked with
@@ -181,11 +183,14 @@ impl GpaList {
     }
 }
 
-/// Whether moving `len` bytes over `segments` straight between the backend and guest memory
-/// beats one bounced backend call: one segment always; several when they average at least
-/// 16 KiB (a system call per 4 KiB page costs more than copying the page).
-pub fn direct_worthwhile(segments: usize, len: usize) -> bool {
-    segments == 1 || (segments > 0 && len / segments >= 16 << 10)
+/// Whether any two of the (address, length) pieces share a byte.
+fn overlapping(plan: &[(NonNull<u8>, usize)]) -> bool {
+    let mut spans: Vec<(usize, usize)> = plan
+        .iter()
+        .map(|(p, n)| (p.as_ptr() as usize, *n))
+        .collect();
+    spans.sort_unstable();
+    spans.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0)
 }
 
 /// A [`GpaList`] with the means to reach it: what the SCSI target reads and writes.
@@ -207,8 +212,8 @@ impl<'a> GuestBuffer<'a> {
 
     /// The host memory of `[0, len)`, one piece per segment, if it can move directly: a
     /// map that covers every segment (a segment spanning two host mappings is refused, and
-    /// the transfer bounces instead), segments starting on sector boundaries of the
-    /// transfer, and few or large segments.
+    /// the transfer bounces instead) and segments starting on sector boundaries of the
+    /// transfer.
     fn direct_plan(&self, len: usize, sector: usize) -> Option<Vec<(NonNull<u8>, usize)>> {
         let map = self.map?;
         if len % sector != 0 {
@@ -227,7 +232,7 @@ impl<'a> GuestBuffer<'a> {
             plan.push((map.host_ptr(s.gpa, n)?, n));
             pos += n;
         }
-        (pos == len && direct_worthwhile(plan.len(), len)).then_some(plan)
+        (pos == len && !plan.is_empty()).then_some(plan)
     }
 }
 
@@ -262,17 +267,23 @@ impl DataBuffer for GuestBuffer<'_> {
         let Some(plan) = self.direct_plan(len, disk.logical_sector_size() as usize) else {
             return bounce_read(self, disk, disk_offset, len, scratch);
         };
-        let mut off = disk_offset;
-        for (ptr, n) in plan {
-            // SAFETY: `GuestMemoryMap` guarantees `ptr` addresses `n` bytes of mapped guest
-            // RAM that stays mapped while the map lives (it outlives this call). No Rust
-            // reference to that memory exists elsewhere in the host: the rest of the host
-            // reaches guest RAM only through copies and atomics. The guest may write the
-            // buffer concurrently (as with DMA); the backend only hands the slice to the
-            // kernel or copies into it, so that can corrupt only the guest's own data.
-            let slice = unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), n) };
-            disk.read_at(off, slice)?;
-            off += n as u64;
+        if plan.len() > 1 && overlapping(&plan) {
+            return bounce_read(self, disk, disk_offset, len, scratch);
+        }
+        // SAFETY: `GuestMemoryMap` guarantees each `ptr` addresses `n` bytes of mapped guest
+        // RAM that stays mapped while the map lives (it outlives this call), and the pieces
+        // are disjoint (checked above), so these are the only Rust references to that
+        // memory: the rest of the host reaches guest RAM only through copies and atomics.
+        // The guest may write the buffer concurrently (as with DMA); the backend only hands
+        // the slices to the kernel or copies into them, so that can corrupt only the
+        // guest's own data.
+        let mut slices: Vec<&mut [u8]> = plan
+            .iter()
+            .map(|(ptr, n)| unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), *n) })
+            .collect();
+        match &mut slices[..] {
+            [one] => disk.read_at(disk_offset, one)?,
+            all => disk.read_vectored_at(disk_offset, all)?,
         }
         Ok(())
     }
@@ -287,12 +298,15 @@ impl DataBuffer for GuestBuffer<'_> {
         let Some(plan) = self.direct_plan(len, disk.logical_sector_size() as usize) else {
             return bounce_write(self, disk, disk_offset, len, scratch);
         };
-        let mut off = disk_offset;
-        for (ptr, n) in plan {
-            // SAFETY: as in `read_disk`; here the backend only reads the slice.
-            let slice = unsafe { std::slice::from_raw_parts(ptr.as_ptr(), n) };
-            disk.write_at(off, slice)?;
-            off += n as u64;
+        // SAFETY: as in `read_disk`; here the backend only reads the slices, so pieces that
+        // overlap are harmless.
+        let slices: Vec<&[u8]> = plan
+            .iter()
+            .map(|(ptr, n)| unsafe { std::slice::from_raw_parts(ptr.as_ptr(), *n) })
+            .collect();
+        match &slices[..] {
+            [one] => disk.write_at(disk_offset, one)?,
+            all => disk.write_vectored_at(disk_offset, all)?,
         }
         Ok(())
     }

@@ -78,8 +78,14 @@ pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(50);
 pub struct ControllerConfig {
     /// Instance GUID of the offer (see [`instance_id`]).
     pub instance_id: Guid,
-    /// Worker threads per open channel (at least 1).
+    /// Worker threads per open channel (at least 1) when its LUNs use the host's cache:
+    /// their I/O is mostly a memcpy, so more threads than CPUs only contend.
     pub workers: usize,
+    /// Worker threads per open channel (at least `workers`) when, as the channel opens, some
+    /// LUN is unbuffered ([`disk::BlockBackend::unbuffered`]): a worker then waits for the
+    /// device, and the device is only kept as busy as the guest asks (its queue depth) if
+    /// as many requests can wait at once.
+    pub unbuffered_workers: usize,
     /// Requests parsed but not yet taken by a worker, at most (at least 1).
     pub queue_limit: usize,
     /// Per-request transfer limit reported to the guest (QUERY_PROPERTIES, VPD 0xB0);
@@ -99,13 +105,15 @@ pub struct ControllerConfig {
 }
 
 impl ControllerConfig {
-    /// Defaults for a controller with this instance id: 4 workers, 256 queued requests,
+    /// Defaults for a controller with this instance id: 4 workers (32 for unbuffered
+    /// LUNs, the queue depth Linux's storvsc keeps per channel), 256 queued requests,
     /// 1 MiB per request, no direct mapping, up to [`DEFAULT_MAX_SUB_CHANNELS`]
     /// sub-channels, polling for up to [`DEFAULT_POLL_MAX`].
     pub fn new(instance_id: Guid) -> Self {
         Self {
             instance_id,
             workers: 4,
+            unbuffered_workers: 32,
             queue_limit: 256,
             max_transfer_bytes: 1 << 20,
             guest_memory: None,
@@ -120,6 +128,7 @@ impl std::fmt::Debug for ControllerConfig {
         f.debug_struct("ControllerConfig")
             .field("instance_id", &self.instance_id)
             .field("workers", &self.workers)
+            .field("unbuffered_workers", &self.unbuffered_workers)
             .field("queue_limit", &self.queue_limit)
             .field("max_transfer_bytes", &self.max_transfer_bytes)
             .field("direct", &self.guest_memory.is_some())
@@ -268,6 +277,22 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .get(&lun)
             .cloned()
+    }
+
+    /// Worker threads for a channel opening now (see [`ControllerConfig::unbuffered_workers`];
+    /// a LUN added later is served by the pool its channel already has).
+    fn pool_size(&self) -> usize {
+        let unbuffered = self
+            .luns
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .any(|d| d.backend().unbuffered());
+        if unbuffered {
+            self.config.unbuffered_workers
+        } else {
+            self.config.workers
+        }
     }
 
     fn lun_numbers(&self) -> Vec<u8> {
@@ -867,11 +892,12 @@ impl Running {
     /// threads that did start stop once the channel closes (the server closes it when the
     /// open is refused).
     fn start(shared: &Arc<Shared>, channel: Channel, link: Option<Arc<Link>>) -> Option<Self> {
+        let workers = shared.pool_size();
         let ctx = Arc::new(ChannelCtx {
             shared: shared.clone(),
             channel,
             link,
-            queue: WorkQueue::new(shared.config.queue_limit, shared.config.workers),
+            queue: WorkQueue::new(shared.config.queue_limit, workers),
         });
         let relid = ctx.channel.relid();
         let mut threads = Vec::new();
@@ -883,7 +909,7 @@ impl Running {
                 .map(|t| threads.push(t))
         };
         let mut ok = spawn(format!("storvsp{relid}-ch"), channel_thread).is_ok();
-        for i in 0..shared.config.workers {
+        for i in 0..workers {
             ok = ok && spawn(format!("storvsp{relid}-w{i}"), worker_thread).is_ok();
         }
         if !ok {
@@ -917,6 +943,7 @@ impl StorageController {
     pub fn new(config: ControllerConfig) -> (Self, ControllerHandle) {
         let mut config = config;
         config.workers = config.workers.max(1);
+        config.unbuffered_workers = config.unbuffered_workers.max(config.workers);
         config.queue_limit = config.queue_limit.max(1);
         config.max_transfer_bytes = (config.max_transfer_bytes & !4095).max(4096);
         config.max_sub_channels = config.max_sub_channels.min(vmbus_server::MAX_SUB_CHANNELS);

@@ -30,11 +30,14 @@
 //!   [`ControllerConfig::max_sub_channels`]); the controller has the server offer them and
 //!   serves each opened one the same way, concurrently, over the same LUNs (see
 //!   `src/controller.rs`).
-//! - `disk`: each LUN's backend, through `read_at`/`write_at`/`flush`/`unmap` from the
-//!   worker threads (the trait is thread-safe).
+//! - `disk`: each LUN's backend, through `read_at`/`write_at` (and their vectored forms),
+//!   `flush` and `unmap`, from the worker threads (the trait is thread-safe). A channel
+//!   whose LUNs are unbuffered (`BlockBackend::unbuffered`) gets more workers
+//!   ([`ControllerConfig::unbuffered_workers`]): they wait on the device, not the CPU.
 //! - Guest RAM: through the channel's `GuestRam` copies, or — if the worker passes a
 //!   [`GuestMemoryMap`] in [`ControllerConfig::guest_memory`] — directly: a read is then one
-//!   `pread` from the backend into the guest's own pages.
+//!   `pread` (contiguous buffer) or `preadv` (scattered pages) from the backend into the
+//!   guest's own pages.
 //!
 //! **What it must never do.**
 //! - Trust the guest. Packets are parsed by the pure [`srb`] module, CDBs by [`scsi::cdb`];

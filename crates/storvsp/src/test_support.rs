@@ -182,11 +182,22 @@ struct SynicState {
 
 /// A SynIC with one message slot per SINT per VP; event flags are set and waited for under
 /// one lock, so a wait never misses a signal.
+///
+/// Waiting for an event flag can model KVM's halt polling ([`set_halt_polling`]): a
+/// vCPU that halts waiting for an interrupt is not put to sleep at once; KVM polls for
+/// the interrupt first, for an adaptive window up to `halt_poll_ns` (200 µs by default on
+/// x86; the worker's VMs have their HLT handled in KVM, so they get it). The window
+/// adapts as KVM's does (see [`PollWindow`](crate::poll::PollWindow)), and the poll
+/// yields the CPU on each turn, as KVM stops polling when another task is runnable on that
+/// CPU (`single_task_running`). Off unless set, so tests do not spin.
+///
+/// [`set_halt_polling`]: QuickSynic::set_halt_polling
 #[derive(Default)]
 pub struct QuickSynic {
     state: Mutex<SynicState>,
     cond: Condvar,
     signals: AtomicU64,
+    halt_poll: Mutex<Option<crate::poll::PollWindow>>,
 }
 
 impl QuickSynic {
@@ -218,23 +229,64 @@ impl QuickSynic {
         }
     }
 
+    /// Poll event waits for up to `max` first, as KVM's halt polling does (`ZERO`: never).
+    pub fn set_halt_polling(&self, max: Duration) {
+        *self.halt_poll.lock().unwrap_or_else(|e| e.into_inner()) =
+            (!max.is_zero()).then(|| crate::poll::PollWindow::new(max));
+    }
+
     /// Wait up to `timeout` until event flag `flag` of `vp`/`sint` is set (it stays set).
     pub fn wait_event(&self, vp: u32, sint: u8, flag: u32, timeout: Duration) {
+        let key = (vp, sint, flag);
+        let window = self
+            .halt_poll
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|w| w.window());
+        if let Some(window) = window.filter(|w| !w.is_zero()) {
+            let until = Instant::now() + window;
+            let seen = self.signals.load(Ordering::Acquire);
+            if self.lock().flags.contains(&key) {
+                return;
+            }
+            while Instant::now() < until {
+                // The lock is taken only when some signal came.
+                if self.signals.load(Ordering::Acquire) != seen && self.lock().flags.contains(&key)
+                {
+                    return;
+                }
+                std::thread::yield_now();
+            }
+        }
         let mut s = self.lock();
         let mut deadline = None;
-        while !s.flags.contains(&(vp, sint, flag)) {
+        let slept = Instant::now();
+        let mut blocked = false;
+        while !s.flags.contains(&key) {
             let d = *deadline.get_or_insert_with(|| Instant::now() + timeout);
             let now = Instant::now();
             if now >= d {
                 return;
             }
             s.waiters += 1;
+            blocked = true;
             s = self
                 .cond
                 .wait_timeout(s, d - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
             s.waiters -= 1;
+        }
+        drop(s);
+        if blocked {
+            if let Some(w) = self
+                .halt_poll
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
+                w.slept(slept.elapsed());
+            }
         }
     }
 
@@ -282,13 +334,14 @@ impl GuestSynic for QuickSynic {
     }
 
     fn signal_event(&self, vp: u32, sint: u8, flag: u32) {
-        self.signals.fetch_add(1, Ordering::Relaxed);
         let mut s = self.lock();
         if !s.flags.contains(&(vp, sint, flag)) {
             s.flags.push((vp, sint, flag));
         }
         let wake = s.waiters > 0;
         drop(s);
+        // After the flag is set: a halt-polling waiter that sees the count change finds it.
+        self.signals.fetch_add(1, Ordering::Release);
         if wake {
             self.cond.notify_all();
         }
@@ -348,7 +401,8 @@ pub struct TestVm {
 }
 
 impl TestVm {
-    /// A VM with `ram_bytes` of RAM and one VP.
+    /// A VM with `ram_bytes` of RAM and one VP, whose VP does not halt-poll (see
+    /// [`QuickSynic::set_halt_polling`]).
     pub fn new(ram_bytes: u64) -> Self {
         let ram = MappedGuestRam::new(ram_bytes);
         let synic = QuickSynic::new();

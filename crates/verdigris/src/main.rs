@@ -156,7 +156,8 @@ struct RunArgs {
     #[arg(long)]
     no_kvp: bool,
     /// Attach a disk (VHDX, raw image or block device) to a SCSI controller:
-    /// `PATH[,ro][,controller=N][,lun=M]`. Repeatable.
+    /// `PATH[,ro][,controller=N][,lun=M][,buffered]`. Repeatable. Disks bypass the host's
+    /// page cache (as Hyper-V opens them) unless `buffered` is given.
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<String>,
     /// The VM's id (a GUID); it seeds the stable instance ids of its devices.
@@ -198,7 +199,7 @@ fn parse_guid(s: &str) -> Result<[u8; 16], String> {
     Ok(out)
 }
 
-/// Parses `PATH[,ro][,controller=N][,lun=M]`.
+/// Parses `PATH[,ro][,controller=N][,lun=M][,buffered]`.
 fn parse_disk(spec: &str) -> Result<worker::DiskSpec, String> {
     let mut parts = spec.split(',');
     let path = parts
@@ -210,11 +211,13 @@ fn parse_disk(spec: &str) -> Result<worker::DiskSpec, String> {
         read_only: false,
         controller: 0,
         lun: None,
+        unbuffered: true,
     };
     for p in parts {
         match p.split_once('=') {
             None if p == "ro" => d.read_only = true,
             None if p == "rw" => d.read_only = false,
+            None if p == "buffered" => d.unbuffered = false,
             Some(("controller", v)) => {
                 d.controller = v
                     .parse()
@@ -228,7 +231,7 @@ fn parse_disk(spec: &str) -> Result<worker::DiskSpec, String> {
             }
             _ => {
                 return Err(format!(
-                    "--disk '{spec}': unknown option '{p}' (ro, controller=N, lun=M)"
+                    "--disk '{spec}': unknown option '{p}' (ro, controller=N, lun=M, buffered)"
                 ))
             }
         }
@@ -377,5 +380,21 @@ fn main() -> ExitCode {
         Command::Disk(c) => disk_cli::run(c),
         Command::Serve(a) => vmms::serve_main(a),
         Command::Vm(c) => vmms::cli::run(&cli.api, c),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_disk;
+
+    #[test]
+    fn disks_are_unbuffered_unless_asked_and_options_combine() {
+        let d = parse_disk("/v/a.vhdx").unwrap();
+        assert!(d.unbuffered && !d.read_only && d.controller == 0 && d.lun.is_none());
+        let d = parse_disk("/v/a.vhdx,ro,controller=2,lun=5,buffered").unwrap();
+        assert!(!d.unbuffered && d.read_only && d.controller == 2 && d.lun == Some(5));
+        let e = parse_disk("/v/a.vhdx,cached").err().unwrap();
+        assert!(e.contains("unknown option 'cached'"), "{e}");
+        assert!(parse_disk(",ro").is_err());
     }
 }

@@ -84,6 +84,9 @@ pub struct DiskSpec {
     pub controller: u32,
     /// LUN on that controller; None = the next free one.
     pub lun: Option<u8>,
+    /// Bypass the host's page cache for the disk's data (`disk::DiskOptions::unbuffered`),
+    /// as Hyper-V does; where the file system cannot, the disk stays buffered.
+    pub unbuffered: bool,
 }
 
 /// Opens every disk (refusing bad images before anything else starts) and assigns LUNs.
@@ -102,8 +105,18 @@ fn open_disks(cfg: &VmConfig) -> Result<Vec<enlightened::AttachedDisk>, WorkerEr
                 d.controller
             )));
         }
-        let backend = disk::open_disk(&d.path, d.read_only)
+        let opts = disk::DiskOptions {
+            read_only: d.read_only,
+            unbuffered: d.unbuffered,
+        };
+        let backend = disk::open_disk_with(&d.path, None, opts)
             .map_err(|e| WorkerError::Config(format!("disk {}: {e}", d.path.display())))?;
+        if d.unbuffered && !backend.unbuffered() {
+            tracing::warn!(
+                "disk {}: the host file system cannot do direct I/O; using the host's cache",
+                d.path.display()
+            );
+        }
         let used = |l: u8| {
             out.iter()
                 .any(|o| o.controller == d.controller && o.lun == l)

@@ -57,6 +57,9 @@ pub struct OpenOptions {
     /// user-visible change is made. Merging uses it to keep a child's `parent_linkage2` valid
     /// while the parent changes (MS-VHDX 2.6.2.6.3, note 12).
     pub data_write_guid: Option<Guid>,
+    /// Payload I/O bypasses the host's page cache where it can (see
+    /// [`crate::DiskOptions::unbuffered`]); parents are opened the same way.
+    pub unbuffered: bool,
 }
 
 /// Depth limit for parent chains; deeper (or cyclic) chains are refused.
@@ -201,7 +204,12 @@ impl Vhdx {
             .write(!opts.read_only)
             .open(path)
             .ctx(|| format!("opening {}", path.display()))?;
-        let st = FileStorage::new(file).ctx(|| format!("inspecting {}", path.display()))?;
+        let mut st = FileStorage::new(file).ctx(|| format!("inspecting {}", path.display()))?;
+        if opts.unbuffered {
+            st = st
+                .unbuffered()
+                .ctx(|| format!("opening {} for direct I/O", path.display()))?;
+        }
         Self::open_storage_at_depth(Arc::new(st), Some(path), opts, depth)
             .map_err(|e| e.with_path(path))
     }
@@ -307,7 +315,7 @@ impl Vhdx {
                             "differencing chain is deeper than {MAX_CHAIN_DEPTH} (cyclic?)"
                         )));
                     }
-                    let (pp, parent) = open_parent(&child, pl, depth)?;
+                    let (pp, parent) = open_parent(&child, pl, depth, opts.unbuffered)?;
                     (Some(Arc::new(parent) as Arc<dyn BlockBackend>), Some(pp))
                 }
             }
@@ -681,6 +689,29 @@ impl Vhdx {
         }
     }
 
+    /// The geometry and the BAT entry of the block holding virtual offset `voff`.
+    fn block_of(&self, voff: u64) -> (Geometry, u64) {
+        let s = rlock(&self.state);
+        let geo = s.geo;
+        (geo, s.bat[geo.payload_index(voff / geo.block_size)])
+    }
+
+    /// Checks a write of `len` bytes at `offset` and starts the session (new DataWriteGuid,
+    /// log) on the first one.
+    fn prepare_write(&self, offset: u64, len: u64) -> Result<Geometry> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.check_failed()?;
+        let geo = rlock(&self.state).geo;
+        self.check_io(offset, len, &geo)?;
+        if !self.data_ready.load(Ordering::Acquire) {
+            let mut m = lock(&self.meta);
+            self.begin_session(&mut m, true)?;
+        }
+        Ok(geo)
+    }
+
     fn read_block(&self, geo: &Geometry, e: u64, voff: u64, buf: &mut [u8]) -> Result<()> {
         let in_block = voff % geo.block_size;
         match bat_state(e) {
@@ -731,11 +762,7 @@ impl Vhdx {
     fn write_block(&self, voff: u64, data: &[u8]) -> Result<()> {
         // Fast path: the block (and, in a partially present block, every sector) is already
         // here: write in place without the meta lock.
-        let (geo, e) = {
-            let s = rlock(&self.state);
-            let geo = s.geo;
-            (geo, s.bat[geo.payload_index(voff / geo.block_size)])
-        };
+        let (geo, e) = self.block_of(voff);
         let in_block = voff % geo.block_size;
         let direct = match bat_state(e) {
             PAYLOAD_BLOCK_FULLY_PRESENT => true,
@@ -758,11 +785,7 @@ impl Vhdx {
     fn write_block_slow(&self, voff: u64, data: &[u8]) -> Result<()> {
         let mut m = lock(&self.meta);
         self.check_failed()?;
-        let (geo, e) = {
-            let s = rlock(&self.state);
-            let geo = s.geo;
-            (geo, s.bat[geo.payload_index(voff / geo.block_size)])
-        };
+        let (geo, e) = self.block_of(voff);
         let block = voff / geo.block_size;
         let in_block = voff % geo.block_size;
         let lss = geo.logical_sector_size;
@@ -1206,7 +1229,12 @@ fn locator_path(base: &Path, value: &str, absolute: bool) -> Option<PathBuf> {
 }
 
 /// Finds, opens (read-only) and checks the identity of a differencing disk's parent.
-fn open_parent(child: &Path, pl: &ParentLocator, depth: u32) -> Result<(PathBuf, Vhdx)> {
+fn open_parent(
+    child: &Path,
+    pl: &ParentLocator,
+    depth: u32,
+    unbuffered: bool,
+) -> Result<(PathBuf, Vhdx)> {
     let base = child.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut tried = Vec::new();
     let mut candidates = Vec::new();
@@ -1243,6 +1271,7 @@ fn open_parent(child: &Path, pl: &ParentLocator, depth: u32) -> Result<(PathBuf,
         }
         let opts = OpenOptions {
             read_only: true,
+            unbuffered,
             ..Default::default()
         };
         let parent = Vhdx::open_at_depth(&c, opts, depth + 1)?;
@@ -1274,11 +1303,7 @@ impl BlockBackend for Vhdx {
         let mut done = 0usize;
         while done < buf.len() {
             let voff = offset + done as u64;
-            let (geo, e) = {
-                let s = rlock(&self.state);
-                let geo = s.geo;
-                (geo, s.bat[geo.payload_index(voff / geo.block_size)])
-            };
+            let (geo, e) = self.block_of(voff);
             let n = ((geo.block_size - voff % geo.block_size) as usize).min(buf.len() - done);
             self.read_block(&geo, e, voff, &mut buf[done..done + n])?;
             done += n;
@@ -1287,21 +1312,66 @@ impl BlockBackend for Vhdx {
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        self.check_failed()?;
-        let geo = rlock(&self.state).geo;
-        self.check_io(offset, buf.len() as u64, &geo)?;
-        if !self.data_ready.load(Ordering::Acquire) {
-            let mut m = lock(&self.meta);
-            self.begin_session(&mut m, true)?;
-        }
+        let geo = self.prepare_write(offset, buf.len() as u64)?;
         let mut done = 0usize;
         while done < buf.len() {
             let voff = offset + done as u64;
             let n = ((geo.block_size - voff % geo.block_size) as usize).min(buf.len() - done);
             self.write_block(voff, &buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn read_vectored_at(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        let len = crate::vectored::total(bufs) as u64;
+        self.check_io(offset, len, &rlock(&self.state).geo)?;
+        let mut cur = crate::vectored::Cursor::new(bufs.iter_mut().map(|b| &mut **b));
+        let mut done = 0u64;
+        while done < len {
+            let voff = offset + done;
+            let (geo, e) = self.block_of(voff);
+            let n = (geo.block_size - voff % geo.block_size).min(len - done);
+            let mut piece = cur.take(n as usize);
+            if bat_state(e) == PAYLOAD_BLOCK_FULLY_PRESENT {
+                // The piece is one stretch of the file: one system call.
+                self.st
+                    .read_vectored_at(bat_offset(e) + voff % geo.block_size, &mut piece)
+                    .ctx(|| format!("reading payload at virtual offset {voff}"))?;
+            } else {
+                let mut o = voff;
+                for b in piece {
+                    self.read_block(&geo, e, o, b)?;
+                    o += b.len() as u64;
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_vectored_at(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        let len = crate::vectored::total(bufs) as u64;
+        self.prepare_write(offset, len)?;
+        let mut cur = crate::vectored::Cursor::new(bufs.iter().copied());
+        let mut done = 0u64;
+        while done < len {
+            let voff = offset + done;
+            let (geo, e) = self.block_of(voff);
+            let n = (geo.block_size - voff % geo.block_size).min(len - done);
+            let piece = cur.take(n as usize);
+            if bat_state(e) == PAYLOAD_BLOCK_FULLY_PRESENT {
+                // The block is here: write in place, as `write_block`'s fast path does.
+                self.st
+                    .write_vectored_at(bat_offset(e) + voff % geo.block_size, &piece)
+                    .ctx(|| format!("writing payload at virtual offset {voff}"))?;
+            } else {
+                let mut o = voff;
+                for b in piece {
+                    self.write_block(o, b)?;
+                    o += b.len() as u64;
+                }
+            }
             done += n;
         }
         Ok(())
@@ -1406,6 +1476,10 @@ impl BlockBackend for Vhdx {
 
     fn disk_id(&self) -> [u8; 16] {
         lock(&self.meta).metadata.disk_id.0
+    }
+
+    fn unbuffered(&self) -> bool {
+        self.st.unbuffered()
     }
 }
 

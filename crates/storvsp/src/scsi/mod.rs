@@ -80,13 +80,17 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    /// A zero-filled slice of `n <= CHUNK` bytes (grown on first use, then reused).
+    /// A page-aligned slice of `n <= CHUNK` bytes (grown on first use, then reused; its
+    /// contents are whatever the last user left). Page-aligned so that a bounced transfer
+    /// of an unbuffered disk still goes straight to the device (see `disk::storage`).
     pub fn get(&mut self, n: usize) -> &mut [u8] {
+        const PAGE: usize = 4096;
         let n = n.min(CHUNK);
-        if self.bounce.len() < n {
-            self.bounce.resize(n, 0);
+        if self.bounce.len() < n + PAGE {
+            self.bounce.resize(n + PAGE, 0);
         }
-        &mut self.bounce[..n]
+        let at = self.bounce.as_ptr().align_offset(PAGE);
+        &mut self.bounce[at..at + n]
     }
 }
 

@@ -741,3 +741,13 @@ fn geometry_checks_at_attach() {
     let empty = Arc::new(RawDisk::from_storage(st, false, 512, 512, [0; 16]).unwrap());
     assert!(ScsiDisk::new(empty, false, true, 4096).is_err());
 }
+
+#[test]
+fn the_bounce_buffer_is_page_aligned_at_every_size() {
+    let mut s = Scratch::default();
+    for n in [512, 4096, 100, CHUNK, 64 << 10, CHUNK + 1] {
+        let b = s.get(n);
+        assert_eq!(b.len(), n.min(CHUNK));
+        assert_eq!(b.as_ptr() as usize % 4096, 0, "size {n}");
+    }
+}

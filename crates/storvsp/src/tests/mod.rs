@@ -580,53 +580,78 @@ fn full_completion_ring_is_backpressure_not_loss() {
     assert!(g.pending.is_empty());
 }
 
-/// Records where the buffers handed to the backend live.
+/// The `BlockBackend` methods a test wrapper passes straight to its `inner` backend.
+macro_rules! forward_backend {
+    () => {
+        fn flush(&self) -> disk::Result<()> {
+            self.inner.flush()
+        }
+        fn unmap(&self, offset: u64, len: u64) -> disk::Result<()> {
+            self.inner.unmap(offset, len)
+        }
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn logical_sector_size(&self) -> u32 {
+            self.inner.logical_sector_size()
+        }
+        fn physical_sector_size(&self) -> u32 {
+            self.inner.physical_sector_size()
+        }
+        fn read_only(&self) -> bool {
+            self.inner.read_only()
+        }
+        fn disk_id(&self) -> [u8; 16] {
+            self.inner.disk_id()
+        }
+    };
+}
+
+/// Records where the buffers handed to the backend live: (write, all in guest RAM, bytes,
+/// pieces) per call.
 struct Spy {
     inner: Arc<dyn BlockBackend>,
     ram: Arc<crate::test_support::MappedGuestRam>,
-    calls: std::sync::Mutex<Vec<(bool, bool, usize)>>,
+    calls: std::sync::Mutex<Vec<(bool, bool, usize, usize)>>,
+}
+
+impl Spy {
+    fn record<'a>(&self, write: bool, bufs: impl Iterator<Item = &'a [u8]>) {
+        let (mut in_ram, mut len, mut n) = (true, 0, 0);
+        for b in bufs {
+            in_ram &= self.ram.contains(b.as_ptr());
+            len += b.len();
+            n += 1;
+        }
+        self.calls.lock().unwrap().push((write, in_ram, len, n));
+    }
+    fn take(&self) -> Vec<(bool, bool, usize, usize)> {
+        std::mem::take(&mut *self.calls.lock().unwrap())
+    }
 }
 
 impl BlockBackend for Spy {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> disk::Result<()> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push((false, self.ram.contains(buf.as_ptr()), buf.len()));
+        self.record(false, std::iter::once(&*buf));
         self.inner.read_at(offset, buf)
     }
     fn write_at(&self, offset: u64, buf: &[u8]) -> disk::Result<()> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push((true, self.ram.contains(buf.as_ptr()), buf.len()));
+        self.record(true, std::iter::once(buf));
         self.inner.write_at(offset, buf)
     }
-    fn flush(&self) -> disk::Result<()> {
-        self.inner.flush()
+    fn read_vectored_at(&self, offset: u64, bufs: &mut [&mut [u8]]) -> disk::Result<()> {
+        self.record(false, bufs.iter().map(|b| &**b));
+        self.inner.read_vectored_at(offset, bufs)
     }
-    fn unmap(&self, offset: u64, len: u64) -> disk::Result<()> {
-        self.inner.unmap(offset, len)
+    fn write_vectored_at(&self, offset: u64, bufs: &[&[u8]]) -> disk::Result<()> {
+        self.record(true, bufs.iter().copied());
+        self.inner.write_vectored_at(offset, bufs)
     }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn logical_sector_size(&self) -> u32 {
-        self.inner.logical_sector_size()
-    }
-    fn physical_sector_size(&self) -> u32 {
-        self.inner.physical_sector_size()
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    fn disk_id(&self) -> [u8; 16] {
-        self.inner.disk_id()
-    }
+    forward_backend!();
 }
 
 #[test]
-fn contiguous_buffers_go_straight_to_the_backend_scattered_ones_bounce() {
+fn guest_buffers_go_straight_to_the_backend_contiguous_or_scattered() {
     let dir = tempfile::tempdir().unwrap();
     let (vm, handle, mut g) = setup(true);
     let spy = Arc::new(Spy {
@@ -645,19 +670,26 @@ fn contiguous_buffers_go_straight_to_the_backend_scattered_ones_bounce() {
     let (_, back) = g.command_in(0, &rw10(false, 0, 256), 128 << 10).unwrap();
     assert!(back == data);
     assert_eq!(
-        std::mem::take(&mut *spy.calls.lock().unwrap()),
-        vec![(true, true, 128 << 10), (false, true, 128 << 10)]
+        spy.take(),
+        vec![(true, true, 128 << 10, 1), (false, true, 128 << 10, 1)]
     );
-    // Scattered 4 KiB pages: one bounced call (host memory), not 32 small ones.
+    // Scattered 4 KiB pages (a page cache's): one vectored call over the 32 guest pages.
     let b = g.alloc_buf(128 << 10, 0, true);
     g.submit(9, 0, &rw10(false, 0, 256), data_in::READ, Some(&b))
         .unwrap();
     assert_eq!(g.wait_for(9).unwrap().srb_status(), srb_status::SUCCESS);
     assert!(g.read(&b, 0, 128 << 10) == data);
-    assert_eq!(
-        std::mem::take(&mut *spy.calls.lock().unwrap()),
-        vec![(false, false, 128 << 10)]
-    );
+    assert_eq!(spy.take(), vec![(false, true, 128 << 10, 32)]);
+    // And written from scattered pages the same way.
+    let w = pattern(6, 128 << 10);
+    g.fill(&b, 0, &w);
+    g.submit(12, 0, &rw10(true, 256, 256), data_in::WRITE, Some(&b))
+        .unwrap();
+    assert_eq!(g.wait_for(12).unwrap().srb_status(), srb_status::SUCCESS);
+    assert_eq!(spy.take(), vec![(true, true, 128 << 10, 32)]);
+    let (_, back) = g.command_in(0, &rw10(false, 256, 256), 128 << 10).unwrap();
+    assert!(back == w);
+    spy.take();
     // A contiguous buffer starting mid-sector in guest memory (offset 100) is still one
     // direct call: only the transfer offsets must be sector multiples, not addresses.
     let b = g.alloc_buf(4096, 100, false);
@@ -665,12 +697,9 @@ fn contiguous_buffers_go_straight_to_the_backend_scattered_ones_bounce() {
         .unwrap();
     assert_eq!(g.wait_for(10).unwrap().srb_status(), srb_status::SUCCESS);
     assert!(g.read(&b, 0, 4096) == data[..4096]);
-    assert_eq!(
-        std::mem::take(&mut *spy.calls.lock().unwrap()),
-        vec![(false, true, 4096)]
-    );
-    // Two runs of 8 pages: direct (two calls) when the break falls on a sector, bounced when
-    // the 100-byte offset puts it mid-sector.
+    assert_eq!(spy.take(), vec![(false, true, 4096, 1)]);
+    // Two runs of 8 pages: direct (one call, two pieces) when the break falls on a sector,
+    // bounced (host memory) when the 100-byte offset puts it mid-sector.
     for (offset, len, direct) in [(0u32, 64usize << 10, true), (100, 60 << 10, false)] {
         let a = vm.ram.alloc_pages(8);
         vm.ram.alloc_pages(1);
@@ -685,16 +714,31 @@ fn contiguous_buffers_go_straight_to_the_backend_scattered_ones_bounce() {
             .unwrap();
         assert_eq!(g.wait_for(11).unwrap().srb_status(), srb_status::SUCCESS);
         assert!(g.read(&b, 0, len) == data[..len]);
-        let calls = std::mem::take(&mut *spy.calls.lock().unwrap());
-        if direct {
-            assert_eq!(
-                calls,
-                vec![(false, true, 32 << 10), (false, true, 32 << 10)]
-            );
+        let want = if direct {
+            (false, true, len, 2)
         } else {
-            assert_eq!(calls, vec![(false, false, len)]);
-        }
+            (false, false, len, 1)
+        };
+        assert_eq!(spy.take(), vec![want]);
     }
+    // A read listing one page twice would need two live `&mut` of one page: it bounces
+    // (and the page ends up holding the second half's data, as a device would leave it).
+    let p = vm.ram.alloc_pages(1);
+    let b = crate::test_support::GuestBuf {
+        pfns: vec![p, p],
+        offset: 0,
+        len: 8192,
+    };
+    g.submit(13, 0, &rw10(false, 0, 16), data_in::READ, Some(&b))
+        .unwrap();
+    assert_eq!(g.wait_for(13).unwrap().srb_status(), srb_status::SUCCESS);
+    assert_eq!(spy.take(), vec![(false, false, 8192, 1)]);
+    assert!(g.read(&b, 0, 4096) == data[4096..8192]);
+    // Written from a page listed twice is fine: the backend only reads.
+    g.submit(14, 0, &rw10(true, 512, 16), data_in::WRITE, Some(&b))
+        .unwrap();
+    assert_eq!(g.wait_for(14).unwrap().srb_status(), srb_status::SUCCESS);
+    assert_eq!(spy.take(), vec![(true, true, 8192, 2)]);
 }
 
 // ---- sub-channels (multi-queue) ----
@@ -940,4 +984,143 @@ fn create_sub_channels_hostile_requests_get_errors() {
     // The other controller is untouched.
     let (c, _) = g2.command_in(0, &[0, 0, 0, 0, 0, 0], 0).unwrap();
     assert_eq!(c.packet.status.get(), 0);
+}
+
+/// A backend that counts how many reads are inside it at once, holding each until
+/// `target` are (or a deadline passes), and reports itself `unbuffered` as asked.
+struct Gate {
+    inner: Arc<dyn BlockBackend>,
+    unbuffered: bool,
+    target: usize,
+    hold: Duration,
+    state: std::sync::Mutex<(usize, usize)>,
+    cv: std::sync::Condvar,
+}
+
+impl Gate {
+    fn max_inside(&self) -> usize {
+        self.state.lock().unwrap().1
+    }
+}
+
+impl BlockBackend for Gate {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> disk::Result<()> {
+        let deadline = std::time::Instant::now() + self.hold;
+        let mut s = self.state.lock().unwrap();
+        s.0 += 1;
+        s.1 = s.1.max(s.0);
+        self.cv.notify_all();
+        while s.0 < self.target && s.1 < self.target {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s = self.cv.wait_timeout(s, left).unwrap().0;
+        }
+        s.0 -= 1;
+        drop(s);
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> disk::Result<()> {
+        self.inner.write_at(offset, buf)
+    }
+    forward_backend!();
+    fn unbuffered(&self) -> bool {
+        self.unbuffered
+    }
+}
+
+/// How many of `qd` reads the backend holds at once, for a LUN (un)buffered, each read
+/// held up to `hold` waiting for the others.
+fn reads_inside_at_once(unbuffered: bool, qd: u64, hold: Duration) -> usize {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(Gate {
+        inner: raw_file(dir.path(), "g.raw", 16 * MIB),
+        unbuffered,
+        target: qd as usize,
+        hold,
+        state: std::sync::Mutex::new((0, 0)),
+        cv: std::sync::Condvar::new(),
+    });
+    let vm = TestVm::new(64 * MIB);
+    let mut cfg = ControllerConfig::new(instance_id(b"gate", 0));
+    cfg.guest_memory = Some(vm.ram.clone());
+    let (ctl, handle) = StorageController::new(cfg);
+    // The LUN is there before the guest opens the channel: the pool is sized then.
+    handle
+        .add_lun(0, gate.clone(), LunOptions::default())
+        .unwrap();
+    vm.server.add_device(Box::new(ctl)).unwrap();
+    let mut g = FakeStorvsc::open(&vm, handle.instance_id(), 64).unwrap();
+    g.init().unwrap();
+    for i in 0..qd {
+        let b = g.alloc_buf(4096, 0, false);
+        g.submit(i + 1, 0, &rw16(false, i * 8, 8), data_in::READ, Some(&b))
+            .unwrap();
+    }
+    for _ in 0..qd {
+        assert_eq!(
+            g.next_completion().unwrap().srb_status(),
+            srb_status::SUCCESS
+        );
+    }
+    gate.max_inside()
+}
+
+#[test]
+fn an_unbuffered_lun_has_as_many_requests_waiting_on_the_device_as_the_guest_queues() {
+    // Waiting on the device costs no CPU, so the pool serves a guest's whole queue depth.
+    assert_eq!(reads_inside_at_once(true, 32, Duration::from_secs(20)), 32);
+    // A cached LUN's I/O is a memcpy: its pool stays near the CPU count (each of its
+    // reads waits out the hold, so keep both small).
+    assert_eq!(
+        reads_inside_at_once(false, 8, Duration::from_millis(500)),
+        ControllerConfig::new(instance_id(b"gate", 0)).workers
+    );
+}
+
+#[test]
+fn a_halt_polling_guest_gets_every_completion() {
+    // The bench's guest VP polls for its interrupts (as KVM's halt polling does); the
+    // waits that end by polling must still see every completion and consume its signal.
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, handle, mut g) = setup(true);
+    vm.synic.set_halt_polling(Duration::from_micros(200));
+    handle
+        .add_lun(
+            0,
+            raw_file(dir.path(), "hp.raw", 8 * MIB),
+            LunOptions::default(),
+        )
+        .unwrap();
+    g.init().unwrap();
+    let b = g.alloc_buf(4096, 0, false);
+    for i in 0..300u64 {
+        let data = pattern(i as u32, 4096);
+        g.fill(&b, 0, &data);
+        g.submit(
+            2 * i + 1,
+            0,
+            &rw16(true, i * 8, 8),
+            data_in::WRITE,
+            Some(&b),
+        )
+        .unwrap();
+        assert_eq!(
+            g.wait_for(2 * i + 1).unwrap().srb_status(),
+            srb_status::SUCCESS
+        );
+        g.fill(&b, 0, &[0u8; 4096]);
+        g.submit(
+            2 * i + 2,
+            0,
+            &rw16(false, i * 8, 8),
+            data_in::READ,
+            Some(&b),
+        )
+        .unwrap();
+        assert_eq!(g.next_completion().unwrap().transaction_id, 2 * i + 2);
+        assert!(g.read(&b, 0, 4096) == data, "request {i}");
+    }
+    assert!(g.pending.is_empty());
 }
